@@ -1,0 +1,1 @@
+"""Region data layer: grid, POIs, imagery, labels, featurisation, synthetic city (paper 3, 4.1.1)."""

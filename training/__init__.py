@@ -1,0 +1,1 @@
+"""Headless tools: the ``refound`` command line, pre-training, fine-tuning, evaluation, benchmarks."""

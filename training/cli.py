@@ -1,0 +1,68 @@
+"""The ``refound`` command: one entry point, one module per subcommand.
+
+Each subcommand lives in its own module exposing ``add_arguments(parser)`` and ``run(args) -> int``.
+Command modules import only argparse-level things at top level (heavy imports go inside
+``run``), so ``refound --help`` stays fast and a missing optional dependency only breaks the
+command that needs it. Bad input raises ``refound_core.errors.InputError``: one line, exit 2.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from refound_core.errors import InputError
+
+# name -> (module, one-line help). Order is the order shown in --help.
+COMMANDS = {
+    "doctor": ("training.commands.doctor", "report versions, device (CUDA / CPU bf16-AMX) and installed teachers"),
+    "synthcity": ("training.commands.synthcity", "generate a seeded synthetic city (imagery, POIs, labels)"),
+    "build-dataset": ("training.commands.build_dataset", "build a region dataset folder from files or a synthetic city"),
+    "convert-paddle": ("training.commands.convert_paddle", "convert official PaddlePaddle ReFound weights to a checkpoint"),
+}
+
+
+class CommandError(Exception):
+    """A user-facing error: printed as one line, exit status 2, no traceback."""
+
+
+def build_parser(argv=None) -> argparse.ArgumentParser:
+    """The full parser. Only the subcommand named in ``argv`` (if any) has its module imported,
+    so a broken or slow optional command never breaks the others."""
+    parser = argparse.ArgumentParser(
+        prog="refound",
+        description="ReFound urban region foundation model (Xiao et al., KDD 2024): data, training, inference.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    wanted = next((a for a in (argv or []) if not a.startswith("-")), None)
+    for name, (module, help_text) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.set_defaults(_module=module)
+        if name == wanted:
+            _load(module).add_arguments(p)
+    return parser
+
+
+def _load(module: str):
+    return importlib.import_module(module)
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser(argv)
+    args = parser.parse_args(argv)
+    if not getattr(args, "command", None):
+        parser.print_help()
+        return 0
+    try:
+        return int(_load(args._module).run(args) or 0)
+    except (CommandError, InputError) as exc:
+        print(f"refound {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"refound {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""One module per ``refound`` subcommand (see training/cli.py)."""
