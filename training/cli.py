@@ -18,6 +18,14 @@ COMMANDS = {
     "doctor": ("training.commands.doctor", "report versions, device (CUDA / CPU bf16-AMX) and installed teachers"),
     "synthcity": ("training.commands.synthcity", "generate a seeded synthetic city (imagery, POIs, labels)"),
     "build-dataset": ("training.commands.build_dataset", "build a region dataset folder from files or a synthetic city"),
+    "teachers": ("training.commands.teachers", "compute and cache the teacher outputs of a dataset for pre-training"),
+    "pretrain": ("training.commands.pretrain", "pre-train ReFound with the five objectives (one CPU to many GPUs)"),
+    "plot-log": ("training.commands.plot_log", "draw the loss curves of a pre-training run to PNG"),
+    "finetune": ("training.commands.finetune", "fine-tune (or train a frozen-backbone head) on a downstream task"),
+    "evaluate": ("training.commands.evaluate", "run the paper's evaluation protocol: splits, runs, baselines, tables"),
+    "predict": ("training.commands.predict", "predict a task over an extent to a styled GeoPackage"),
+    "embed": ("training.commands.embed", "compute region embeddings over an extent to GeoParquet"),
+    "serve": ("training.commands.serve", "run the local model backend for the QGIS plugin (loopback, token)"),
     "convert-paddle": ("training.commands.convert_paddle", "convert official PaddlePaddle ReFound weights to a checkpoint"),
 }
 
