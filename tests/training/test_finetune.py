@@ -1,0 +1,133 @@
+"""Downstream protocol: metrics, splits, target scaling, ReFound methods, finetune/evaluate commands."""
+import json
+
+import numpy as np
+import pytest
+
+from training.finetune.evaluate import make_split, subsample
+from training.finetune.loop import TargetScaler
+from training.finetune.metrics import binary_metrics, is_better, regression_metrics
+from training.finetune.tasks import get_task
+
+from tests.training.finetune_fixtures import make_checkpoint, make_dataset
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ft")
+    ds = make_dataset(root / "ds")
+    ckpt = make_checkpoint(root / "ckpt", ds)
+    return root, ds, ckpt
+
+
+def test_metrics_against_hand_computation():
+    # AUC = fraction of (pos, neg) pairs ranked correctly: pos {0.9, 0.4}, neg {0.5, 0.1} -> 3 of 4
+    m = binary_metrics([1, 1, 0, 0], [0.9, 0.4, 0.5, 0.1])
+    assert m["AUC"] == pytest.approx(0.75)
+    # threshold 0.5: predicted [1,0,1,0] -> tp 1, fp 1, fn 1 -> F1 = 0.5
+    assert m["F1"] == pytest.approx(0.5)
+    r = regression_metrics([1.0, 2.0, 3.0], [1.0, 2.0, 5.0])
+    assert r["RMSE"] == pytest.approx(np.sqrt(4 / 3))
+    assert r["MAE"] == pytest.approx(2 / 3)
+    assert r["R2"] == pytest.approx(1 - 4 / 2)
+    assert is_better("regression", {"RMSE": 1.0}, {"RMSE": 2.0})
+    assert not is_better("binary", {"AUC": 0.6}, {"AUC": 0.7})
+
+
+def test_split_is_random_thirds_disjoint_and_seeded():
+    y = np.arange(30, dtype=float)
+    y[[3, 7]] = np.nan
+    a, b = make_split(y, seed=1), make_split(y, seed=1)
+    assert all(np.array_equal(getattr(a, k), getattr(b, k)) for k in ("train", "val", "test"))
+    allidx = np.concatenate([a.train, a.val, a.test])
+    assert len(allidx) == len(set(allidx)) == 28 and not {3, 7} & set(allidx)
+    assert {len(a.train), len(a.val), len(a.test)} <= {9, 10}
+    assert not np.array_equal(make_split(y, seed=2).train, a.train)
+    half = subsample(a, 0.5, seed=1)
+    assert set(half.train) <= set(a.train) and len(half.train) == round(len(a.train) / 2)
+    yb = np.array([1.0] * 4 + [0.0] * 40)
+    sb = make_split(yb, seed=0, negative_ratio=5, kind="binary")
+    total = np.concatenate([sb.train, sb.val, sb.test])
+    assert (yb[total] == 1).sum() == 4 and (yb[total] == 0).sum() == 20
+
+
+def test_target_scaler_round_trip_in_original_units():
+    task = get_task("population")
+    y = np.array([0.0, 10.0, 1000.0, 55.0])
+    s = TargetScaler.fit(task, y)
+    z = s.encode(task, y)
+    assert abs(z.mean()) < 1e-9 and abs(z.std() - 1) < 1e-9
+    np.testing.assert_allclose(s.decode(task, z), y, rtol=1e-9, atol=1e-9)
+
+
+def test_custom_task_and_unknown_task_message():
+    t = get_task("green_share", kind="regression")
+    assert t.label == "green_share" and t.kind == "regression"
+    with pytest.raises(ValueError, match="--task-kind"):
+        get_task("no_such_task")
+
+
+def test_feature_based_selects_best_validation_epoch_and_caches(tiny, tmp_path):
+    from training.finetune.methods import EvalContext
+    from training.finetune.refound_methods import ReFoundLinear
+
+    root, ds, ckpt = tiny
+    ctx = EvalContext(dataset=ds, checkpoint=str(ckpt), epochs=2, batch_size=8, cache_dir=str(tmp_path),
+                      options={"feature_epochs": 6})
+    task = get_task("population")
+    split = make_split(ds.labels["population"], seed=0)
+    res = ReFoundLinear(ctx).run(task, split, seed=1)
+    assert res.test_pred.shape == (len(split.test),) and np.all(np.isfinite(res.test_pred))
+    rmse = [h["val_RMSE"] for h in res.history]
+    assert res.best_epoch == int(np.argmin(rmse))
+    cached = list(tmp_path.glob("refound-*.npz"))
+    assert len(cached) == 1
+    mtime = cached[0].stat().st_mtime_ns
+    ReFoundLinear(ctx).run(task, split, seed=2)
+    assert cached[0].stat().st_mtime_ns == mtime  # reused, not recomputed
+
+
+def test_finetune_command_writes_a_predicting_checkpoint(tiny, tmp_path):
+    import torch
+
+    from refound_core.data.featurize import collate  # noqa: F401
+    from refound_core.model.checkpoint import load_checkpoint
+    from training.cli import main
+    from training.finetune.regions import featurizer_for_checkpoint
+
+    root, ds, ckpt = tiny
+    out = tmp_path / "uv"
+    rc = main(["finetune", "--checkpoint", str(ckpt), "--data", str(ds.folder), "--task", "urban_village",
+               "--epochs", "2", "--batch-size", "8", "--device", "cpu", "--out", str(out)])
+    assert rc == 0
+    loaded = load_checkpoint(out)
+    assert loaded.head is not None and loaded.task["name"] == "urban_village" and loaded.task["kind"] == "binary"
+    assert set(loaded.task["test_metrics"]) == {"AUC", "F1"}
+    feat = featurizer_for_checkpoint(loaded)
+    enc = [feat.encode(ds[i], np.random.default_rng(0)) for i in range(4)]
+    batch = feat.collate(enc, loaded.config.image_size)
+    with torch.no_grad():
+        p = loaded.head.predict(loaded.model.forward_batch(batch))
+    assert p.shape == (4, 1) and torch.all((p >= 0) & (p <= 1))
+    # an existing --out is refused, never overwritten
+    assert main(["finetune", "--checkpoint", str(ckpt), "--data", str(ds.folder), "--task", "population",
+                 "--epochs", "1", "--out", str(out)]) == 2
+
+
+def test_evaluate_writes_tables_with_provenance(tiny, tmp_path):
+    from training.cli import main
+
+    root, ds, ckpt = tiny
+    out = tmp_path / "eval"
+    rc = main(["evaluate", "--data", str(ds.folder), "--checkpoint", str(ckpt), "--task", "population",
+               "--methods", "refound_feature,refound_scratch_feature", "--runs", "2", "--feature-epochs", "3",
+               "--data-scale", "100,50", "--device", "cpu", "--cache-dir", str(tmp_path / "cache"), "--out", str(out)])
+    assert rc == 0
+    md = (out / "results.md").read_text()
+    assert "synthetic test fixture" in md and "refound_feature" in md and "± " in md
+    rep = json.loads((out / "results.json").read_text())
+    runs = rep["tasks"]["population"]["results"]["1.0"]["refound_feature"]["runs"]
+    assert len(runs) == 2 and all(np.isfinite(r["RMSE"]) for r in runs)
+    split = json.loads((out / "split.json").read_text())["population"]
+    assert not set(split["train"]) & set(split["test"])
+    assert (out / "data_scale.png").stat().st_size > 1000

@@ -1,0 +1,82 @@
+"""``refound finetune``: train a task head (and, by default, the whole backbone) on a region
+dataset and write a checkpoint that ``refound predict``, ``refound serve`` and the plugin load."""
+from __future__ import annotations
+
+import argparse
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--checkpoint", required=True, help="pre-trained checkpoint folder (refound pretrain / convert-paddle)")
+    p.add_argument("--data", required=True, help="region dataset folder (refound build-dataset) with the label")
+    p.add_argument("--task", required=True,
+                   help="urban_village, population, commercial, or a label column name together with --task-kind")
+    p.add_argument("--task-kind", choices=["binary", "regression", "multiclass"],
+                   help="kind of a custom task (label column named by --task or --label)")
+    p.add_argument("--label", help="label column of a custom task (default: the task name)")
+    p.add_argument("--num-classes", type=int, default=1, help="classes of a multiclass custom task")
+    p.add_argument("--log-target", choices=["yes", "no"], help="train a regression on log1p(y) (default: yes for population/commercial)")
+    p.add_argument("--mode", choices=["finetune", "linear"], default="finetune",
+                   help="finetune: whole model + head (paper A.2.2); linear: frozen backbone, head only (feature-based, A.2.3)")
+    p.add_argument("--epochs", type=int, default=None, help="epochs (default 30 finetune / 40 linear, paper Tables 5-6)")
+    p.add_argument("--lr", type=float, default=None, help="peak learning rate (default 1e-4 finetune / 5e-4 linear)")
+    p.add_argument("--batch-size", type=int, default=12, help="batch size (paper: 12)")
+    p.add_argument("--fusion", choices=["average", "attention"], help="h[P]/h[S] fusion (default per task, paper Tables 5-6)")
+    p.add_argument("--layer-decay", type=float, default=0.75, help="layer-wise lr decay ratio (paper: 0.75)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the train/val/test split and of training")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.add_argument("--out", required=True, help="output checkpoint folder (must not exist)")
+
+
+def run(args) -> int:
+    from pathlib import Path
+
+    from refound_core.data.dataset import RegionDataset
+    from refound_core.errors import InputError
+    from refound_core.model.checkpoint import save_checkpoint
+    from training.finetune.evaluate import make_split
+    from training.finetune.methods import EvalContext, labels_of
+    from training.finetune.metrics import task_metrics
+    from training.finetune.refound_methods import ReFoundFT, ReFoundLinear
+    from training.finetune.tasks import get_task
+    from training.device import resolve_device
+
+    if Path(args.out).exists():
+        raise InputError(f"--out {args.out} already exists; choose a new folder (checkpoints are never overwritten)")
+    log_target = None if args.log_target is None else args.log_target == "yes"
+    task = get_task(args.task, kind=args.task_kind, label=args.label, log_target=log_target)
+    if task.kind == "multiclass":
+        task = type(task)(**{**task.to_dict(), "num_classes": args.num_classes})
+    ds = RegionDataset(args.data)
+    device = resolve_device(args.device)
+    linear = args.mode == "linear"
+    epochs = args.epochs or (40 if linear else 30)
+    ctx = EvalContext(dataset=ds, checkpoint=args.checkpoint, device=device, epochs=epochs,
+                      batch_size=args.batch_size, lr=args.lr,
+                      options={"fusion": args.fusion, "layer_decay": args.layer_decay,
+                               "feature_epochs": epochs, "log": print})
+    y = labels_of(ds, task)
+    split = make_split(y, args.seed, kind=task.kind)
+    print(f"{task.name} ({task.kind}) on {ds}: train/val/test {len(split.train)}/{len(split.val)}/{len(split.test)}, "
+          f"{args.mode}, {epochs} epochs, device {device}")
+    if linear:
+        method = ReFoundLinear(ctx)
+        result, head, scaler = method.train(task, split, args.seed)
+        from refound_core.model.checkpoint import load_checkpoint
+        loaded = load_checkpoint(args.checkpoint, with_head=False)
+        backbone, fusion = loaded.model, head.fusion
+    else:
+        result, (model, loaded, fusion), scaler = ReFoundFT(ctx).train(task, split, args.seed)
+        backbone, head = model.backbone, model.head
+    test = task_metrics(task.kind, y[split.test], result.test_pred)
+    print(f"best epoch {result.best_epoch + 1}; test " + " ".join(f"{k} {v:.4f}" for k, v in test.items()))
+    meta = {**task.to_dict(), "mode": args.mode, "fusion": fusion, "target_scaler": scaler.to_dict(),
+            "test_metrics": test, "best_epoch": result.best_epoch, "split_seed": args.seed}
+    prov = {"base_checkpoint": str(args.checkpoint), "base_provenance": loaded.provenance,
+            "training_data": {"folder": str(ds.folder), "provenance": ds.meta.get("provenance")},
+            "teachers": (loaded.provenance or {}).get("teachers")}
+    files = loaded.files
+    extra = {k: v for k, v in files.items() if k not in ("tokenizer", "category_vocab", "codebook")}
+    save_checkpoint(args.out, backbone.cpu(), head.cpu(), task=meta, tokenizer_dir=files.get("tokenizer"),
+                    category_vocab=files.get("category_vocab"), extra_files=extra or None, provenance=prov)
+    print(f"wrote {args.out}")
+    return 0

@@ -1,0 +1,185 @@
+"""The paper's evaluation protocol (5.1.2-5.1.4, 5.2.5) as a function.
+
+* Random thirds: train / validation / test (seeded and saved as ``split.json``).
+* Every method is trained on train, its best epoch selected on validation, scored on test.
+* N runs (different training seeds, same split), reported as mean +- std.
+* Optional data-scale analysis: the same with 100/75/50/25/10 % of the training split.
+* Outputs: ``results.json`` (every run), ``results.md`` (tables with the data's provenance in the
+  header), ``data_scale.png`` when several training fractions were run.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+import numpy as np
+
+from refound_core.errors import InputError
+from training.finetune.methods import REGISTRY, EvalContext, Split, labels_of
+from training.finetune.metrics import HIGHER_IS_BETTER, task_metrics
+from training.finetune.tasks import TaskSpec
+
+METRIC_ORDER = {"binary": ["AUC", "F1"], "regression": ["RMSE", "MAE", "R2"], "multiclass": ["accuracy", "macro_F1"]}
+
+
+def make_split(y: np.ndarray, seed: int, negative_ratio: Optional[float] = None, kind: str = "regression") -> Split:
+    """Random thirds of the labelled regions (paper 5.1.2). For binary tasks ``negative_ratio``
+    keeps at most that many negatives per positive (the paper samples 5x as many negatives)."""
+    rng = np.random.default_rng(seed)
+    idx = np.flatnonzero(~np.isnan(y))
+    if kind == "binary" and negative_ratio:
+        pos, neg = idx[y[idx] > 0.5], idx[y[idx] <= 0.5]
+        keep = min(len(neg), int(round(negative_ratio * len(pos))))
+        idx = np.sort(np.concatenate([pos, rng.choice(neg, keep, replace=False)]))
+    if len(idx) < 6:
+        raise InputError(f"only {len(idx)} regions carry this label; the protocol needs at least 6 "
+                         "(two per split). Use a larger extent or city")
+    perm = rng.permutation(idx)
+    a, b = len(perm) // 3, 2 * len(perm) // 3
+    return Split(train=np.sort(perm[:a]), val=np.sort(perm[a:b]), test=np.sort(perm[b:]))
+
+
+def subsample(split: Split, fraction: float, seed: int) -> Split:
+    """The same split with only ``fraction`` of the training regions (paper 5.2.5)."""
+    if fraction >= 1.0:
+        return split
+    n = max(2, int(round(fraction * len(split.train))))
+    train = np.sort(np.random.default_rng([seed, 7]).permutation(split.train)[:n])
+    return Split(train=train, val=split.val, test=split.test)
+
+
+def run_evaluation(ctx: EvalContext, tasks: Sequence[TaskSpec], methods: Sequence[str], out_dir, *,
+                   runs: int = 5, seed: int = 0, fractions: Sequence[float] = (1.0,),
+                   negative_ratio: Optional[float] = None, log: Callable[[str], None] = print) -> dict:
+    unknown = [m for m in methods if m not in REGISTRY]
+    if unknown:
+        raise InputError(f"unknown method(s) {unknown}; available: {sorted(REGISTRY)}")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    ds = ctx.dataset
+    report = {"data": {"folder": str(ds.folder), "provenance": ds.meta.get("provenance"), "cells": len(ds),
+                       "crs": ds.crs, "cell_size": ds.cell_size},
+              "checkpoint": ctx.checkpoint, "runs": runs, "seed": seed, "epochs": ctx.epochs,
+              "methods": {m: {"mode": REGISTRY[m].mode, "stands_in_for": REGISTRY[m].stands_in_for} for m in methods},
+              "tasks": {}}
+    splits = {}
+    for task in tasks:
+        y = labels_of(ds, task)
+        split = make_split(y, seed, negative_ratio, task.kind)
+        splits[task.name] = split.to_dict(ds.cell_ids)
+        task_rep = {"spec": task.to_dict(), "sizes": {k: int(len(getattr(split, k))) for k in ("train", "val", "test")},
+                    "results": {}}
+        for frac in fractions:
+            sub = subsample(split, frac, seed)
+            for m in methods:
+                method = REGISTRY[m](ctx)
+                rows = []
+                for r in range(runs):
+                    t0 = time.time()
+                    res = method.run(task, sub, seed + 1000 * r + 1)
+                    metrics = task_metrics(task.kind, y[sub.test], res.test_pred)
+                    rows.append({"run": r, "best_epoch": res.best_epoch, "seconds": round(time.time() - t0, 1),
+                                 **metrics})
+                    log(f"[{task.name} {int(frac * 100)}% {m} run {r + 1}/{runs}] " +
+                        " ".join(f"{k} {v:.4f}" for k, v in metrics.items()) + f" ({rows[-1]['seconds']} s)")
+                task_rep["results"].setdefault(str(frac), {})[m] = {"runs": rows, "summary": summarise(rows, task.kind)}
+        report["tasks"][task.name] = task_rep
+    _write_json(out / "split.json", splits)
+    _write_json(out / "results.json", report)
+    _write_text(out / "results.md", markdown_report(report))
+    if len(fractions) > 1:
+        plot_data_scale(report, out / "data_scale.png")
+    return report
+
+
+def summarise(rows: list, kind: str) -> dict:
+    keys = METRIC_ORDER[kind]
+    return {k: {"mean": float(np.mean([r[k] for r in rows])), "std": float(np.std([r[k] for r in rows]))}
+            for k in keys}
+
+
+def provenance_line(report: dict) -> str:
+    """Where the numbers come from: synthetic city (seed, size) or real data (which sources)."""
+    prov = report["data"].get("provenance") or {}
+    if prov.get("synthetic"):
+        meta = prov.get("synthcity_meta") or {}
+        bits = [f"data: SYNTHETIC city (refound synthcity, seed {prov.get('seed')}, "
+                f"{meta.get('size_km', '?')} km, language {meta.get('language', '?')})"]
+    elif "synthetic" in prov:
+        srcs = ", ".join(f"{k}: {Path(v).name}" for k, v in (prov.get("sources") or {}).items())
+        bits = [f"data: REAL ({srcs or 'sources not recorded'})"]
+    else:
+        bits = [f"data: {prov.get('kind') or prov.get('source') or 'unknown provenance'}"]
+        if prov.get("seed") is not None:
+            bits.append(f"seed {prov['seed']}")
+    bits.append(f"{report['data']['cells']} cells of {report['data']['cell_size']:g} m ({report['data']['crs']})")
+    return "; ".join(str(b) for b in bits)
+
+
+def markdown_report(report: dict) -> str:
+    lines = [f"# Evaluation: {', '.join(report['tasks'])}", "",
+             f"- {provenance_line(report)}",
+             f"- checkpoint: `{report['checkpoint']}`",
+             f"- protocol: random thirds (seed {report['seed']}), best epoch on validation, test metrics, "
+             f"{report['runs']} runs (mean ± std), fine-tuning epochs {report['epochs']}", ""]
+    for tname, trep in report["tasks"].items():
+        kind = trep["spec"]["kind"]
+        keys = METRIC_ORDER[kind]
+        for frac, methods in trep["results"].items():
+            lines.append(f"## {tname} ({trep['spec']['description'] or kind}), training data {float(frac) * 100:g}%"
+                         f" — train/val/test {trep['sizes']['train']}/{trep['sizes']['val']}/{trep['sizes']['test']}")
+            lines.append("")
+            lines.append("| method | mode | " + " | ".join(f"{k} {'↑' if HIGHER_IS_BETTER[k] else '↓'}" for k in keys) + " |")
+            lines.append("|---|---|" + "---|" * len(keys))
+            for m, res in methods.items():
+                cells = [f"{res['summary'][k]['mean']:.4g} ± {res['summary'][k]['std']:.2g}" for k in keys]
+                lines.append(f"| {m} | {report['methods'][m]['mode']} | " + " | ".join(cells) + " |")
+            lines.append("")
+    lines.append("Methods:")
+    for m, d in report["methods"].items():
+        lines.append(f"- `{m}` ({d['mode']}): {d['stands_in_for']}")
+    return "\n".join(lines) + "\n"
+
+
+def plot_data_scale(report: dict, path: Path) -> None:
+    """Paper 5.2.5 / Figure 5: test metric against the share of training data, per method."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks = list(report["tasks"].items())
+    fig, axes = plt.subplots(1, len(tasks), figsize=(5 * len(tasks), 3.6), squeeze=False)
+    for ax, (tname, trep) in zip(axes[0], tasks):
+        key = METRIC_ORDER[trep["spec"]["kind"]][0]
+        fracs = sorted(trep["results"], key=float)
+        for m in report["methods"]:
+            xs = [float(f) * 100 for f in fracs if m in trep["results"][f]]
+            ms = [trep["results"][f][m]["summary"][key]["mean"] for f in fracs if m in trep["results"][f]]
+            ss = [trep["results"][f][m]["summary"][key]["std"] for f in fracs if m in trep["results"][f]]
+            ax.errorbar(xs, ms, yerr=ss, marker="o", capsize=3, label=m)
+        ax.set_xlabel("training data used (%)")
+        ax.set_ylabel(f"test {key}")
+        ax.set_title(tname)
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=8)
+    fig.suptitle(provenance_line(report), fontsize=8)
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.png")
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def _write_json(path: Path, obj) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(obj, indent=1, ensure_ascii=False, default=float), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
