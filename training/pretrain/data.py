@@ -1,0 +1,278 @@
+"""Pre-training data: region dataset + featurizer + cached teacher targets -> masked batches.
+
+Pieces:
+
+* :class:`PretrainData` opens a dataset folder (``refound_core.data.dataset.RegionDataset``), its
+  POI tokenizer and category vocabulary, and the teacher cache made by ``refound teachers``
+  (``DS/teacher_cache/<hash>/``, :class:`refound_core.teachers.cache.TeacherTargets`).
+* :class:`PretrainDataset` (a torch ``Dataset``): one region -> its ``EncodedRegion`` plus its
+  teacher rows. The featurizer's randomness (Z-order ties, random POI exclusion) is seeded from
+  ``(seed, epoch, index)``.
+* :class:`PretrainCollator`: pads with ``Featurizer.collate``, stacks the teacher rows and, when
+  MGDM is on, applies POI-token and patch masking (:mod:`refound_core.losses.masking`) with a
+  generator seeded from ``(seed, epoch, indices of the batch)``.
+* :class:`ResumableSampler`: torch's ``DistributedSampler`` (same per-epoch permutation on every
+  rank, each rank its slice) that can start in the middle of an epoch, for ``--resume``.
+
+Every random choice is a function of (seed, epoch, sample indices), never of worker count,
+worker scheduling or how often the run was interrupted.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+from refound_core.errors import InputError
+from refound_core.losses.masking import blockwise_patch_mask, mask_poi_tokens
+
+TEACHER_CACHE_SUBDIR = "teacher_cache"
+_DROP_KEYS = ("cell_ids", "labels")  # non-tensor collate outputs the engine does not need
+
+
+def _seed_of(*parts: int) -> int:
+    """A 63-bit seed from integers (SeedSequence mixes them well; no Python hash randomisation)."""
+    state = np.random.SeedSequence([int(p) & 0xFFFFFFFF for p in parts]).generate_state(2, dtype=np.uint32)
+    return int((int(state[0]) << 31) ^ int(state[1])) & ((1 << 63) - 1)
+
+
+def find_teacher_cache(data_folder, patches_per_side: int, teachers=None) -> Path:
+    """The teacher-cache folder to train with.
+
+    ``teachers`` given: that folder (a ``teacher_cache/<hash>`` folder). Otherwise the only
+    complete cache under ``DS/teacher_cache/`` whose patch grid matches the model's.
+    """
+    if teachers:
+        path = Path(teachers)
+        if not (path / "meta.json").is_file():
+            raise InputError(f"--teachers {path} is not a complete teacher cache (no meta.json); pass a "
+                             f"{TEACHER_CACHE_SUBDIR}/<hash> folder written by `refound teachers`")
+        return path
+    root = Path(data_folder) / TEACHER_CACHE_SUBDIR
+    found = []
+    for meta_path in sorted(root.glob("*/meta.json")) if root.is_dir() else []:
+        try:
+            meta = json.loads(meta_path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        if int(meta.get("patches_per_side", -1)) == int(patches_per_side):
+            found.append(meta_path.parent)
+    if not found:
+        raise InputError(f"no teacher cache with {patches_per_side}x{patches_per_side} visual tokens in {root}; "
+                         f"run `refound teachers --data {data_folder}` for this model preset first "
+                         "(pre-training reads the teachers' outputs from there)")
+    if len(found) > 1:
+        names = ", ".join(p.name for p in found)
+        raise InputError(f"{root} holds {len(found)} teacher caches for this patch grid ({names}); "
+                         "choose one with --teachers DS/teacher_cache/<hash>")
+    return found[0]
+
+
+@dataclass
+class PretrainData:
+    """An opened dataset with everything pre-training needs from it (see module docstring)."""
+
+    folder: Path
+    dataset: object          # RegionDataset
+    tokenizer: object        # PoiTokenizer
+    category_vocab: object   # CategoryVocab
+    targets: object          # TeacherTargets
+    teacher_folder: Path
+
+    @classmethod
+    def open(cls, folder, patches_per_side: int, teachers=None) -> "PretrainData":
+        from refound_core.data.dataset import RegionDataset
+        from refound_core.teachers.cache import TeacherTargets
+
+        folder = Path(folder)
+        if not folder.exists():
+            raise InputError(f"--data {folder} does not exist; build a dataset with `refound build-dataset`")
+        dataset = RegionDataset(folder)
+        tokenizer = dataset.load_tokenizer()
+        vocab = dataset.load_vocab()
+        teacher_folder = find_teacher_cache(folder, patches_per_side, teachers)
+        targets = TeacherTargets.open(teacher_folder)
+        data = cls(folder, dataset, tokenizer, vocab, targets, teacher_folder)
+        data.check(patches_per_side)
+        return data
+
+    def check(self, patches_per_side: int) -> None:
+        """The teacher cache must describe exactly this dataset, in this order, for this patch grid."""
+        n, m = len(self.dataset), len(self.targets)
+        if n != m:
+            raise InputError(f"teacher cache {self.teacher_folder} has {m} rows but dataset {self.folder} has {n} "
+                             "regions; it was built for other data: run `refound teachers` again")
+        want = self.targets.meta.get("cell_ids_sha256")
+        ids = getattr(self.dataset, "cell_ids", None)
+        if want and ids is not None:
+            h = hashlib.sha256()
+            for c in ids:
+                h.update(str(c).encode("utf-8") + b"\0")
+            if h.hexdigest() != want:
+                raise InputError(f"teacher cache {self.teacher_folder} was computed for other regions than "
+                                 f"{self.folder} holds; run `refound teachers --data {self.folder}` again")
+        tokens = self.targets.visual_tokens
+        if tokens.shape[1] != patches_per_side ** 2:
+            raise InputError(f"teacher cache {self.teacher_folder} has {tokens.shape[1]} visual tokens per image "
+                             f"but the model has {patches_per_side ** 2} patches; build the cache for this preset")
+
+    # -- facts the model and heads need -------------------------------------------------------
+    @property
+    def vocab_size(self) -> int:
+        return int(self.tokenizer.vocab_size)
+
+    @property
+    def num_categories(self) -> int:
+        return len(self.category_vocab)
+
+    @property
+    def dims(self) -> dict:
+        """Teacher dimensions for :class:`~refound_core.losses.PretrainHeads`."""
+        return {"llm_dim": int(self.targets.u_P.shape[1]), "vfm_dim": int(self.targets.u_S.shape[1]),
+                "codebook_size": int(self.targets.num_codes)}
+
+    def featurizer(self, model_cfg):
+        from refound_core.data.featurize import Featurizer
+
+        return Featurizer(self.tokenizer, self.category_vocab, max_poi_tokens=model_cfg.max_poi_tokens,
+                          grid_cells=model_cfg.grid_cells, truncation="random")
+
+    def provenance(self) -> dict:
+        return {"training_data": {"folder": str(self.folder.resolve()), "regions": len(self.dataset),
+                                  "meta": getattr(self.dataset, "meta", {}).get("provenance")},
+                "teachers": {"cache": str(self.teacher_folder.resolve()),
+                             **(self.targets.meta.get("provenance") or {})}}
+
+
+class PretrainDataset(Dataset):
+    """``dataset[i]`` -> ``(index, EncodedRegion, teacher rows)``; ``set_epoch`` before each epoch.
+
+    Picklable (DataLoader workers get a copy at iterator creation, so the epoch they see is the
+    one set before ``iter(loader)``).
+    """
+
+    def __init__(self, data: PretrainData, featurizer, seed: int = 0):
+        self.dataset = data.dataset
+        self.targets = data.targets
+        self.featurizer = featurizer
+        self.seed = int(seed)
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int):
+        index = int(index)
+        rng = np.random.default_rng(_seed_of(self.seed, self.epoch, index, 1))
+        encoded = self.featurizer.encode(self.dataset[index], rng)
+        return index, encoded, self.targets.rows([index])
+
+
+class PretrainCollator:
+    """Batch = ``Featurizer.collate`` output + teacher targets + MGDM masks (module docstring).
+
+    Batch keys added: ``u_P, u_P_valid, u_S, u_S_valid, v_S, v_S_valid, visual_tokens,
+    visual_tokens_valid, indices``; with masking also ``mlm_mask, mlm_labels, masked_patches``
+    (``token_ids`` is then the corrupted sequence).
+    """
+
+    def __init__(self, featurizer, image_size: int, patches_per_side: int, loss_cfg, *, vocab_size: int,
+                 mask_id: int = 103, special_ids=(0, 101, 102, 103), seed: int = 0):
+        self.featurizer = featurizer
+        self.image_size = int(image_size)
+        self.patches_per_side = int(patches_per_side)
+        self.loss_cfg = loss_cfg
+        self.vocab_size = int(vocab_size)
+        self.mask_id = int(mask_id)
+        self.special_ids = tuple(int(s) for s in special_ids)
+        self.seed = int(seed)
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __call__(self, items) -> dict:
+        indices = [int(i) for i, _, _ in items]
+        batch = self.featurizer.collate([e for _, e, _ in items], self.image_size)
+        for key in _DROP_KEYS:
+            batch.pop(key, None)
+        rows = {k: np.concatenate([r[k] for _, _, r in items]) for k in items[0][2]}
+        image_valid = torch.from_numpy(rows["image_valid"].astype(bool)) & batch["has_image"]
+        tokens = torch.from_numpy(rows["visual_tokens"].astype(np.int64))
+        batch.update(
+            u_P=torch.from_numpy(rows["u_P"]), u_P_valid=torch.from_numpy(rows["poi_valid"].astype(bool)),
+            u_S=torch.from_numpy(rows["u_S"]), u_S_valid=image_valid,
+            v_S=torch.from_numpy(rows["v_S"]), v_S_valid=image_valid,
+            visual_tokens=tokens.clamp(min=0), visual_tokens_valid=image_valid & (tokens >= 0).all(dim=1),
+            indices=torch.tensor(indices, dtype=torch.int64))
+        if self.loss_cfg.masking:
+            self._mask(batch, indices)
+        return batch
+
+    def _mask(self, batch: dict, indices: list) -> None:
+        cfg = self.loss_cfg
+        g = torch.Generator().manual_seed(_seed_of(self.seed, self.epoch, 2, *indices))
+        corrupted, chosen = mask_poi_tokens(
+            batch["token_ids"], batch["poi_mask"], g, vocab_size=self.vocab_size, mask_ratio=cfg.poi_mask_ratio,
+            mask_token_prob=cfg.mask_token_prob, random_token_prob=cfg.random_token_prob, mask_id=self.mask_id,
+            special_ids=self.special_ids)
+        batch["mlm_labels"] = batch["token_ids"]
+        batch["token_ids"] = corrupted
+        batch["mlm_mask"] = chosen
+        batch["masked_patches"] = blockwise_patch_mask(
+            len(indices), self.patches_per_side, g, mask_ratio=cfg.patch_mask_ratio,
+            min_block_patches=cfg.min_block_patches, has_image=batch["has_image"])
+
+
+class ResumableSampler(DistributedSampler):
+    """``DistributedSampler`` that skips the first ``start_index`` samples of this rank's epoch slice."""
+
+    def __init__(self, num_samples: int, *, num_replicas: int = 1, rank: int = 0, shuffle: bool = True,
+                 seed: int = 0):
+        super().__init__(range(num_samples), num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed,
+                         drop_last=True)
+        self.start_index = 0
+
+    def set_start(self, start_index: int) -> None:
+        self.start_index = int(start_index)
+
+    def __iter__(self):
+        return iter(list(super().__iter__())[self.start_index:])
+
+    def __len__(self) -> int:
+        return max(0, self.num_samples - self.start_index)
+
+
+def default_workers(device: torch.device, world_size: int = 1) -> int:
+    """Worker processes per rank: on a GPU keep it fed; on a CPU the workers steal cores from
+    the model, so only use them when there are cores to spare."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    per_rank = max(1, cpus // max(1, world_size))
+    if device.type == "cuda":
+        return min(8, max(1, per_rank - 1))
+    return 0 if per_rank <= 4 else min(4, per_rank // 4)
+
+
+def make_loader(dataset: PretrainDataset, collator: PretrainCollator, sampler: ResumableSampler, *,
+                batch_size: int, workers: int, device: torch.device, epoch: int) -> DataLoader:
+    """One epoch's DataLoader (workers see the epoch set here; pinned memory on CUDA)."""
+    dataset.set_epoch(epoch)
+    collator.set_epoch(epoch)
+    sampler.set_epoch(epoch)
+    # Its own generator: creating the iterator must not consume the global RNG (dropout), or a
+    # resumed run would drift from an uninterrupted one.
+    gen = torch.Generator().manual_seed(_seed_of(dataset.seed, epoch, 3))
+    kwargs = dict(prefetch_factor=4) if workers > 0 else {}
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
+                      collate_fn=collator, pin_memory=device.type == "cuda", drop_last=True, generator=gen,
+                      **kwargs)
