@@ -1,0 +1,126 @@
+"""``refound predict``: predict a downstream task for every grid cell of an extent.
+
+Example::
+
+    refound predict --checkpoint ckpt/uvd --pois pois.gpkg --imagery city.tif \\
+        --extent 113.90,22.50,114.05,22.60,EPSG:4326 --task urban_village --out uv.gpkg
+
+Writes a GeoPackage of cell polygons (``cell_id``, ``prediction``, ``poi_count``,
+``image_coverage``, ``sufficient``) with its QGIS style embedded, then prints the per-stage
+time breakdown (grid, POI join, image reads, featurisation, model, write).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+PREDICT_TASKS = ("urban_village", "population", "commercial")
+
+
+def parse_extent(text: str) -> tuple:
+    """``XMIN,YMIN,XMAX,YMAX[,CRS]`` -> ``((xmin, ymin, xmax, ymax), crs or None)``."""
+    from refound_core.errors import InputError
+
+    parts = [p.strip() for p in str(text).split(",")]
+    if len(parts) not in (4, 5):
+        raise InputError(f"--extent {text!r} must be XMIN,YMIN,XMAX,YMAX or XMIN,YMIN,XMAX,YMAX,CRS "
+                         "(e.g. 113.9,22.5,114.05,22.6,EPSG:4326)")
+    try:
+        numbers = tuple(float(p) for p in parts[:4])
+    except ValueError:
+        raise InputError(f"--extent {text!r}: the first four values must be numbers") from None
+    return numbers, (parts[4] or None) if len(parts) == 5 else None
+
+
+def add_common_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--checkpoint", required=True, help="checkpoint folder (refound fine-tune / convert-paddle)")
+    parser.add_argument("--pois", default=None, help="POI file: GeoPackage, Shapefile, GeoJSON or .osm.pbf")
+    parser.add_argument("--poi-layer", default=None, help="layer of the POI file (default: the first)")
+    parser.add_argument("--name-field", default="name", help="POI name attribute (default: name)")
+    parser.add_argument("--category-field", default="category", help="POI category attribute (default: category)")
+    parser.add_argument("--imagery", default=None, help="RGB satellite raster (GeoTIFF or any GDAL raster)")
+    parser.add_argument("--extent", required=True,
+                        help="XMIN,YMIN,XMAX,YMAX[,CRS]; without CRS the POI file's CRS is assumed")
+    parser.add_argument("--cell-size", type=float, default=256.0, help="grid cell size in metres (paper: 256)")
+    parser.add_argument("--batch-size", type=int, default=None, help="regions per forward pass (default: 64 GPU, 16 CPU)")
+    parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N")
+    parser.add_argument("--quiet", action="store_true", help="no progress output")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_common_arguments(parser)
+    parser.add_argument("--task", choices=PREDICT_TASKS, default=None,
+                        help="task to predict (default: the checkpoint's own; must match it)")
+    parser.add_argument("--out", required=True, help="output GeoPackage (.gpkg), written atomically")
+
+
+class _Progress:
+    """One self-overwriting stderr line (or nothing with --quiet)."""
+
+    def __init__(self, quiet: bool):
+        self.quiet = quiet
+        self.last = -1
+
+    def __call__(self, done: int, total) -> None:
+        if self.quiet:
+            return
+        pct = int(100 * done / total) if total else -1
+        if pct == self.last and total:
+            return
+        self.last = pct if total else done
+        text = f"{done}/{total} cells ({pct}%)" if total else f"{done} cells"
+        print(f"\r{text}", end="", file=sys.stderr, flush=True)
+
+    def finish(self) -> None:
+        if not self.quiet and self.last != -1:
+            print(file=sys.stderr)
+
+
+def request_from_args(args: argparse.Namespace, task: str):
+    from refound_core.inference.pipeline import AnalysisRequest
+
+    extent, crs = parse_extent(args.extent)
+    return AnalysisRequest(checkpoint=args.checkpoint, task=task, out=args.out, extent=extent, extent_crs=crs,
+                           cell_size=args.cell_size, pois=args.pois, poi_layer=args.poi_layer,
+                           name_field=args.name_field, category_field=args.category_field,
+                           imagery=args.imagery, device=args.device, batch_size=args.batch_size,
+                           embeddings=tuple(getattr(args, "embeddings", None) or ("h_P", "h_S", "fused")))
+
+
+def _checkpoint_task(checkpoint) -> str:
+    import json
+    from pathlib import Path
+
+    from refound_core.errors import InputError
+
+    try:
+        meta = json.loads((Path(checkpoint) / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return "urban_village"  # let the checkpoint loader report what is wrong with the folder
+    name = (meta.get("task") or {}).get("name") if meta.get("head") else None
+    if not name:
+        raise InputError(f"checkpoint {checkpoint} holds no task head (a pre-trained backbone); use "
+                         "`refound embed` for region embeddings, or fine-tune a head first")
+    return name
+
+
+def execute(args: argparse.Namespace, task) -> int:
+    """Shared by predict and embed: run the analysis, print notices and the summary."""
+    import logging
+
+    from refound_core.inference.pipeline import run_analysis
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    if task is None:  # --task omitted: the checkpoint's own task (read from its config.json only)
+        task = _checkpoint_task(args.checkpoint)
+    request = request_from_args(args, task)
+    progress = _Progress(args.quiet)
+    try:
+        result = run_analysis(request, progress=progress)
+    finally:
+        progress.finish()
+    print(result.summary())  # notices were logged (stderr) when they happened
+    return 0
+
+
+def run(args: argparse.Namespace) -> int:
+    return execute(args, args.task)
