@@ -126,7 +126,7 @@ def fit_and_select(
         for batch, pos in batches(train_idx, True, epoch):
             target = y_model[torch.as_tensor(train_idx[pos])]
             out = forward(batch)
-            loss = criterion(out, target)
+            loss = criterion(out, target.to(out.device))
             if not torch.isfinite(loss):
                 continue  # a non-finite batch is skipped, not propagated into the weights
             optimizer.zero_grad(set_to_none=True)

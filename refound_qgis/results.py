@@ -1,0 +1,277 @@
+"""The result layer: one polygon per cell with the prediction, styled, with provenance.
+
+Fields (the same for every task and the same as the core's GeoPackage writer, so layers join on
+``cell_id`` whatever produced them): ``cell_id``, ``prediction`` (double; NULL where not
+predicted), ``poi_count``, ``image_coverage``, ``sufficient`` (1 / 0). The embedding task adds ``emb_000...`` (the fused region embedding,
+paper 4.3) and puts its first principal component in ``prediction`` so the map shows structure.
+
+Styling reuses ``refound_core.inference.styles`` (the same QML the GeoPackage writer embeds):
+a probability ramp with the 0.5 break for urban villages, quantile-graduated ramps for population
+and commercial activeness, and a transparent grey hatch for insufficient cells. The layer name
+(the legend title) says task, model and date; the layer metadata says the rest.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import math
+import os
+import tempfile
+from typing import Iterable, Optional, Sequence
+
+from qgis.core import (
+    QgsCoordinateReferenceSystem,
+    QgsFeature,
+    QgsField,
+    QgsFields,
+    QgsGeometry,
+    QgsLayerMetadata,
+    QgsLayerTreeLayer,
+    QgsProject,
+    QgsRectangle,
+    QgsVectorFileWriter,
+    QgsVectorLayer,
+    QgsWkbTypes,
+)
+from qgis.PyQt.QtCore import QVariant
+from qgis.PyQt.QtXml import QDomDocument
+
+from refound_core.errors import InputError
+from refound_core.inference import styles
+
+from .settings import task_label, tr
+
+PREDICTION, CELL_ID, POI_COUNT, IMAGE_COVERAGE, SUFFICIENT = (
+    "prediction", "cell_id", "poi_count", "image_coverage", "sufficient")
+EMBEDDING_PREFIX = "emb_"
+CELLS_LAYER = "cells"  # the GeoPackage layer name, as the core writer's
+
+
+def _get(obj, name, default=None):
+    return obj.get(name, default) if isinstance(obj, dict) else getattr(obj, name, default)
+
+
+def result_fields(embedding_dim: int = 0) -> QgsFields:
+    # Same names and order as the core's GeoPackage writer (refound_core.inference.writers).
+    fields = QgsFields()
+    fields.append(QgsField(CELL_ID, QVariant.String, "string", 80))
+    fields.append(QgsField(PREDICTION, QVariant.Double, "double", 20, 8))
+    fields.append(QgsField(POI_COUNT, QVariant.Int, "integer"))
+    fields.append(QgsField(IMAGE_COVERAGE, QVariant.Double, "double", 10, 4))
+    fields.append(QgsField(SUFFICIENT, QVariant.Int, "integer"))
+    for i in range(embedding_dim):
+        fields.append(QgsField(f"{EMBEDDING_PREFIX}{i:03d}", QVariant.Double, "double"))
+    return fields
+
+
+def _number(v) -> Optional[float]:
+    if v is None:
+        return None
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        return None
+    return f if math.isfinite(f) else None
+
+
+def _vector(v) -> Optional[list]:
+    """``v`` as a list of floats when it is a vector, else None."""
+    if v is None or isinstance(v, (int, float, str)):
+        return None
+    try:
+        return [float(x) for x in list(v)]
+    except (TypeError, ValueError):
+        return None
+
+
+def _embedding(c) -> Optional[list]:
+    """The cell's fused region embedding (CellResult.fused, or a vector ``value``), or None."""
+    vec = _vector(_get(c, "fused"))
+    return vec if vec is not None else _vector(_get(c, "value"))
+
+
+def first_principal_component(vectors: Sequence[Optional[list]]) -> list:
+    """PC1 score of each vector (None stays None); sign fixed so the largest loading is positive."""
+    import numpy as np
+
+    rows = [i for i, v in enumerate(vectors) if v is not None and all(math.isfinite(x) for x in v)]
+    out: list = [None] * len(vectors)
+    if not rows:
+        return out
+    x = np.asarray([vectors[i] for i in rows], dtype=np.float64)
+    x = x - x.mean(axis=0, keepdims=True)
+    if len(rows) == 1 or not np.any(x):
+        for i in rows:
+            out[i] = 0.0
+        return out
+    _, _, vt = np.linalg.svd(x, full_matrices=False)
+    pc = vt[0] * (1.0 if vt[0][np.argmax(np.abs(vt[0]))] >= 0 else -1.0)
+    for i, score in zip(rows, x @ pc):
+        out[i] = float(score)
+    return out
+
+
+def make_features(cells: Iterable, fields: QgsFields, embedding_dim: int = 0) -> list:
+    """QgsFeatures for CellResult-like objects or backend dicts (``cell_id``, ``bounds``,
+    ``value``, ``poi_count``, ``image_coverage``, ``sufficient``; ``fused`` for embeddings)."""
+    cells = list(cells)
+    vectors = [_embedding(c) for c in cells] if embedding_dim else []
+    pc1 = first_principal_component(vectors) if embedding_dim else []
+    feats = []
+    for k, c in enumerate(cells):
+        f = QgsFeature(fields)
+        f.setGeometry(QgsGeometry.fromRect(QgsRectangle(*[float(v) for v in _get(c, "bounds")])))
+        sufficient = bool(_get(c, "sufficient", True))
+        if embedding_dim:
+            value = pc1[k] if sufficient else None
+        else:
+            value = _number(_get(c, "value")) if sufficient else None
+        attrs = [str(_get(c, "cell_id")), value, int(_get(c, "poi_count", 0) or 0),
+                 float(_get(c, "image_coverage", 0.0) or 0.0), 1 if sufficient else 0]
+        if embedding_dim:
+            vec = vectors[k] if sufficient else None
+            attrs += (vec if vec is not None and len(vec) == embedding_dim else [None] * embedding_dim)
+        f.setAttributes(attrs)
+        feats.append(f)
+    return feats
+
+
+def embedding_dim_of(cells: Sequence) -> int:
+    for c in cells:
+        v = _embedding(c)
+        if v is not None:
+            return len(v)
+    return 0
+
+
+def layer_title(task: str, model_name: str, when: Optional[_dt.datetime] = None) -> str:
+    """Legend title: task, model and date (the user sees where the map came from)."""
+    when = when or _dt.datetime.now()
+    return tr("ReFound {task} – {model} – {date}").format(task=task_label(task), model=model_name or "?",
+                                                         date=when.strftime("%Y-%m-%d %H:%M"))
+
+
+def memory_layer(cells: Sequence, crs_authid: str, title: str, embeddings: bool = False) -> QgsVectorLayer:
+    dim = embedding_dim_of(cells) if embeddings else 0
+    fields = result_fields(dim)
+    layer = QgsVectorLayer(f"Polygon?crs={crs_authid}", title, "memory")
+    pr = layer.dataProvider()
+    pr.addAttributes(fields.toList())
+    layer.updateFields()
+    pr.addFeatures(make_features(cells, layer.fields(), dim))
+    layer.updateExtents()
+    return layer
+
+
+def write_geopackage(layer: QgsVectorLayer, path: str, task: str = "", kind: Optional[str] = None) -> QgsVectorLayer:
+    """Write ``layer`` to a GeoPackage atomically (temp file in the same folder, then os.replace),
+    with the task's style stored as the file's default (``layer_styles``), and return the layer
+    read back from the file.
+
+    The style goes in before the rename, through a layer on the temp file that is closed first:
+    saving a style into a GeoPackage that another QGIS layer is reading broke that layer's reads
+    ("unable to open database file") on QGIS 3.22.
+    """
+    path = os.path.abspath(path)
+    if not path.lower().endswith(".gpkg"):
+        path += ".gpkg"
+    folder = os.path.dirname(path)
+    if not os.path.isdir(folder):
+        raise InputError(tr("The output folder {folder} does not exist; choose an existing folder.").format(folder=folder))
+    fd, tmp = tempfile.mkstemp(prefix=".refound-", suffix=".gpkg", dir=folder)
+    os.close(fd)
+    os.remove(tmp)
+    opts = QgsVectorFileWriter.SaveVectorOptions()
+    opts.driverName = "GPKG"
+    opts.layerName = CELLS_LAYER
+    opts.fileEncoding = "UTF-8"
+    try:
+        err, msg, _, _ = QgsVectorFileWriter.writeAsVectorFormatV3(
+            layer, tmp, QgsProject.instance().transformContext(), opts)
+        if err != QgsVectorFileWriter.NoError:
+            raise InputError(tr("Writing {path} failed: {msg}").format(path=path, msg=msg))
+        if task:
+            written = QgsVectorLayer(f"{tmp}|layername={CELLS_LAYER}", layer.name(), "ogr")
+            apply_style(written, task, kind)
+            written.saveStyleToDatabase(layer.name(), "ReFound default style", True, "")
+            del written
+        os.replace(tmp, path)
+    finally:
+        for leftover in (tmp, tmp + "-wal", tmp + "-shm", tmp + "-journal"):
+            if os.path.exists(leftover):
+                os.remove(leftover)
+    out = QgsVectorLayer(f"{path}|layername={CELLS_LAYER}", layer.name(), "ogr")
+    if not out.isValid():
+        raise InputError(tr("The written GeoPackage {path} cannot be read back.").format(path=path))
+    return out
+
+
+def apply_style(layer: QgsVectorLayer, task: str, kind: Optional[str] = None) -> None:
+    """Style a result layer with the core QML for ``task`` (values read from the layer)."""
+    idx = layer.fields().indexOf(PREDICTION)
+    values = [f.attribute(idx) for f in layer.getFeatures()]
+    values = [v for v in (_number(x) for x in values) if v is not None]
+    style_task = "commercial" if task == "embedding" else task
+    qml = styles.qml_for_task(style_task, values, kind=kind or ("regression" if task == "embedding" else None))
+    doc = QDomDocument()
+    ok = doc.setContent(qml)
+    if not (ok[0] if isinstance(ok, tuple) else ok):
+        raise RuntimeError("the core style is not valid XML")
+    ok, err = layer.importNamedStyle(doc)
+    if not ok:
+        raise RuntimeError(f"the core style could not be applied: {err}")
+    layer.triggerRepaint()
+
+
+def set_provenance(layer: QgsVectorLayer, task: str, model_name: str, checkpoint: str, inputs: dict,
+                   when: Optional[_dt.datetime] = None, backend: str = "") -> None:
+    when = when or _dt.datetime.now()
+    md = QgsLayerMetadata()
+    md.setTitle(layer.name())
+    lines = [tr("ReFound (Xiao et al., KDD 2024) prediction: {task}.").format(task=task_label(task)),
+             tr("Model: {model} from {ckpt}.").format(model=model_name, ckpt=checkpoint or "?"),
+             tr("Created: {date}.").format(date=when.isoformat(timespec="seconds"))]
+    if backend:
+        lines.append(tr("Backend: {b}.").format(b=backend))
+    lines += [f"{k}: {v}" for k, v in inputs.items() if v]
+    lines.append(tr("Cells with sufficient = 0 had neither POIs nor imagery and were not predicted."))
+    md.setAbstract("\n".join(lines))
+    md.setKeywords({"refound": [task, model_name]})
+    layer.setMetadata(md)
+
+
+def add_to_project(layer: QgsVectorLayer, input_layer_ids: Sequence[str] = (), project: QgsProject = None) -> None:
+    """Add ``layer`` to the project just above the top-most of the input layers (else on top)."""
+    project = project or QgsProject.instance()
+    project.addMapLayer(layer, False)
+    root = project.layerTreeRoot()
+    wanted = set(i for i in input_layer_ids if i)
+    for node in root.findLayers():  # tree order: first found = top-most
+        if node.layerId() in wanted:
+            parent = node.parent()
+            parent.insertChildNode(parent.children().index(node), QgsLayerTreeLayer(layer))
+            return
+    root.insertChildNode(0, QgsLayerTreeLayer(layer))
+
+
+def build_result_layer(cells: Sequence, crs_authid: str, task: str, model_name: str,
+                       output_path: str = "", checkpoint: str = "", inputs: Optional[dict] = None,
+                       kind: Optional[str] = None, backend: str = "",
+                       when: Optional[_dt.datetime] = None) -> QgsVectorLayer:
+    """The styled result layer (memory, or GeoPackage when ``output_path`` is set); not yet in the project."""
+    when = when or _dt.datetime.now()
+    title = layer_title(task, model_name, when)
+    layer = memory_layer(cells, crs_authid, title, embeddings=(task == "embedding"))
+    if output_path:
+        # The style is stored inside the GeoPackage too, so the file opens styled elsewhere.
+        layer = write_geopackage(layer, output_path, task, kind)
+    apply_style(layer, task, kind)
+    set_provenance(layer, task, model_name, checkpoint, inputs or {}, when, backend)
+    return layer
+
+
+def crs_of(authid: str) -> QgsCoordinateReferenceSystem:
+    return QgsCoordinateReferenceSystem(authid)
+
+
+def is_polygon_layer(layer) -> bool:
+    return isinstance(layer, QgsVectorLayer) and layer.geometryType() == QgsWkbTypes.PolygonGeometry

@@ -1,0 +1,339 @@
+"""The analysis the dock and the Processing algorithms share, and the QgsTask that runs it.
+
+:func:`execute` is the plugin's only analysis path: grid the extent, read the layers into
+RegionSamples (``layer_io``), then run the model where :mod:`refound_qgis.backend` says:
+
+* in QGIS's Python: the core ``Predictor`` that ``refound_core.inference.pipeline.run_analysis``
+  drives (same featurisation, batching, model and per-cell seeding, so the same cell gets the same
+  value as from the CLI), kept loaded for the session; the result layer is written by QGIS, not by
+  the core writers: those use the shapely / pyogrio wheels, which carry their own GEOS / GDAL and,
+  inside the QGIS executables (``qgis``, ``qgis_process``), get QGIS's GEOS / GDAL symbols instead
+  (measured: ``shapely.to_wkb`` fails in ``qgis_process``), and embeddings would be GeoParquet,
+  which QGIS 3.22's GDAL cannot open;
+* in a backend process: one HTTP request per batch (``refound_core.backend.client``).
+
+:class:`AnalysisTask` wraps it in a QgsTask: ``run()`` never touches a widget or a project layer
+(only the snapshots taken on the main thread), reports progress with ``setProgress``, stops within
+one batch on cancel, and only ``finished()`` (main thread) creates a layer, so a canceled or failed
+run leaves no partial layer and no file.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import threading
+import traceback
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+from qgis.core import (
+    QgsCoordinateReferenceSystem,
+    QgsCoordinateTransformContext,
+    QgsProject,
+    QgsRectangle,
+    QgsTask,
+    QgsVectorLayer,
+)
+from qgis.PyQt.QtCore import pyqtSignal
+
+from refound_core.errors import InputError
+
+from . import layer_io, results
+from .settings import task_label, tr
+
+CORE_TASK = {"urban_village": "urban_village", "population": "population", "commercial": "commercial",
+             "embedding": "embed"}
+POI_SHARE = 0.05     # progress bar share of the POI read
+SAMPLES_SHARE = 0.3  # share of each block's progress for reading imagery (the rest is the model)
+BLOCK_CELLS = 256    # cells per block: imagery chips and model batches of one block are in memory
+
+
+class Canceled(Exception):
+    """The user canceled; nothing is produced."""
+
+
+@dataclass
+class AnalysisParams:
+    """What one run needs; built on the main thread (dock or Processing)."""
+
+    task: str
+    extent: QgsRectangle
+    extent_crs: QgsCoordinateReferenceSystem
+    checkpoint_dir: str = ""
+    cell_size: float = 256.0
+    batch_size: int = 16
+    device: str = "auto"
+    backend: str = "auto"
+    backend_python: str = ""
+    backend_url: str = ""
+    backend_token: str = ""
+    output_path: str = ""
+    max_cells: int = 20000
+    pois: Optional[layer_io.PoiInput] = None
+    imagery: Optional[layer_io.ImageryInput] = None
+    input_layer_ids: list = field(default_factory=list)
+    input_names: dict = field(default_factory=dict)
+    transform_context: Optional[QgsCoordinateTransformContext] = None
+
+
+@dataclass
+class AnalysisOutcome:
+    """What :func:`execute` produced: the cell results (CellResult, or backend dicts with bounds)."""
+
+    task: str
+    crs_authid: str
+    n_cells: int
+    model_name: str
+    checkpoint: str
+    backend: str
+    kind: Optional[str] = None
+    cells: list = field(default_factory=list)
+    summary: str = ""
+    notices: list = field(default_factory=list)
+
+
+# ------------------------------------------------------------------------------------ checkpoints
+def read_checkpoint_meta(folder: str) -> dict:
+    """config.json of a checkpoint folder (JSON only: no torch needed)."""
+    with open(os.path.join(folder, "config.json"), encoding="utf-8") as fh:
+        return json.load(fh)
+
+
+def resolve_checkpoint(folder: str, task: str) -> tuple:
+    """``(checkpoint folder, config.json dict)`` for ``task``.
+
+    ``folder`` is a checkpoint, or a folder of checkpoints (one per task, like the bundled demo):
+    then the one fine-tuned for ``task`` is taken (any one for embeddings).
+    """
+    folder = (folder or "").strip()
+    if not folder:
+        raise InputError(tr("No checkpoint folder is chosen; pick a ReFound checkpoint folder in the panel "
+                            "(or the bundled demo checkpoint)."))
+    if not os.path.isdir(folder):
+        raise InputError(tr("The checkpoint folder {path} does not exist.").format(path=folder))
+    candidates = []
+    if os.path.isfile(os.path.join(folder, "config.json")):
+        candidates = [folder]
+    else:
+        for name in sorted(os.listdir(folder)):
+            sub = os.path.join(folder, name)
+            if os.path.isfile(os.path.join(sub, "config.json")):
+                candidates.append(sub)
+    if not candidates:
+        raise InputError(tr("{path} is not a ReFound checkpoint (no config.json); pick the folder written by "
+                            "`refound` training or conversion.").format(path=folder))
+    metas = []
+    for c in candidates:
+        try:
+            metas.append((c, read_checkpoint_meta(c)))
+        except (OSError, ValueError) as exc:
+            raise InputError(tr("{path}/config.json cannot be read ({err}).").format(path=c, err=exc)) from None
+    if task == "embedding":
+        metas.sort(key=lambda cm: bool(cm[1].get("head")))  # a bare backbone first
+        return metas[0]
+    tasks_found = []
+    for c, meta in metas:
+        own = (meta.get("task") or {}).get("name") if meta.get("head") else None
+        tasks_found.append(own or tr("no head"))
+        if own == task:
+            return c, meta
+    raise InputError(tr("The checkpoint {path} has no head for '{task}' (it has: {found}); pick a checkpoint "
+                        "fine-tuned for this task, train one with 'Train task head', or choose 'Region "
+                        "embeddings'.").format(path=folder, task=task_label(task), found=", ".join(tasks_found)))
+
+
+def model_name_of(meta: dict) -> str:
+    return str((meta.get("model") or {}).get("name") or "refound")
+
+
+# ------------------------------------------------------------------------------------ in-process
+_PREDICT_LOCK = threading.Lock()  # one in-process analysis at a time (dock and Processing share the model)
+
+
+def inprocess_predictor(checkpoint: str, device: str, batch_size: int):
+    """The session's Predictor (``refound_core``'s cache: loaded once, reloaded when the
+    checkpoint's config.json changes, one model in memory)."""
+    from refound_core.inference.predictor import load_predictor
+
+    return load_predictor(checkpoint, device=device, batch_size=batch_size or None)
+
+
+def _run_inprocess(params: AnalysisParams, checkpoint: str, samples: list, progress, is_canceled) -> dict:
+    """The core Predictor's stream (featurisation, batching, model: what run_analysis runs) over
+    one block of in-memory samples; the layer is then written by QGIS (see the module docstring).
+    ``progress`` gets the fraction of this block done."""
+    from refound_core.inference.predictor import AnalysisCanceled
+
+    total = max(1, len(samples))
+    with _PREDICT_LOCK:
+        predictor = inprocess_predictor(checkpoint, params.device, params.batch_size)
+        if params.batch_size:
+            predictor.batch_size = int(params.batch_size)
+        step = lambda done, _t=None: progress(min(1.0, done / total))  # noqa: E731
+        try:
+            if params.task == "embedding":
+                stream = predictor.embed_samples(samples, progress=step, is_canceled=is_canceled)
+            else:
+                stream = predictor.predict_samples(samples, task=params.task, progress=step, is_canceled=is_canceled)
+            cells = list(stream)
+        except AnalysisCanceled:
+            raise Canceled() from None
+    return {"cells": cells, "kind": predictor.kind, "notices": list(predictor.notices), "model": predictor.config.name,
+            "device": f"{predictor.device} ({predictor.precision.dtype_name})"}
+
+
+# ------------------------------------------------------------------------------------ execute
+def execute(params: AnalysisParams, progress: Callable[[float], None] = lambda f: None,
+            is_canceled: Callable[[], bool] = lambda: False, on_runner: Callable = lambda r: None) -> AnalysisOutcome:
+    """Run one analysis (worker thread safe). Raises InputError (bad input), Canceled.
+
+    ``progress`` gets a fraction in [0, 1]; ``on_runner`` receives the HTTP runner (if any) so a
+    cancel can also be sent to the backend.
+    """
+    from .backend import resolve_backend
+
+    if params.task not in CORE_TASK:
+        raise InputError(tr("Unknown task '{t}'.").format(t=params.task))
+    if params.pois is None:
+        raise InputError(tr("No POI layer is selected; add a point layer of POIs to the project and pick it "
+                            "in the ReFound panel."))
+    ctx = params.transform_context or QgsProject.instance().transformContext()
+    plan = layer_io.plan_grid(params.extent, params.extent_crs, params.cell_size, ctx, params.max_cells)
+    if params.imagery is not None:
+        layer_io.check_imagery_covers(params.imagery, plan, ctx)
+    checkpoint, meta = "", {}
+    if params.backend != "remote":
+        checkpoint, meta = resolve_checkpoint(params.checkpoint_dir, params.task)
+    kind_, runner = resolve_backend(params.backend, params.backend_python, params.backend_url, params.backend_token,
+                                    checkpoint, params.device, params.batch_size)
+    on_runner(runner)
+    chip = int((meta.get("model") or {}).get("image_size") or 0)
+    model_name = model_name_of(meta) if meta else ""
+    head_kind = (meta.get("head") or {}).get("kind")
+    if runner is not None:  # a backend: its /info describes the model it serves
+        info = runner.check()
+        chip = chip or int(info.get("image_size") or 256)
+        model_name = model_name or str(info.get("model") or "refound")
+        head_kind = head_kind or info.get("kind")
+    if is_canceled():
+        raise Canceled()
+    outcome = AnalysisOutcome(task=params.task, crs_authid=plan.crs_authid, n_cells=len(plan), model_name=model_name,
+                              checkpoint=checkpoint or params.backend_url, backend=kind_,
+                              kind=head_kind or ("binary" if params.task == "urban_village" else "regression"))
+    # POIs are read once (one spatial request); imagery and the model go block by block of cells,
+    # so memory stays bounded by one block of chips whatever the extent.
+    binned = layer_io.read_pois(params.pois, plan, ctx, is_canceled)
+    progress(POI_SHARE)
+    total, done, device = max(1, len(plan)), 0, ""
+    for block in plan.row_blocks(BLOCK_CELLS):
+        if is_canceled():
+            raise Canceled()
+        n = len(block)
+
+        def block_progress(f, done=done, n=n):
+            progress(POI_SHARE + (1.0 - POI_SHARE) * (done + n * f) / total)
+
+        samples = layer_io.build_samples(block, None, params.imagery, chip or 256, ctx, is_canceled,
+                                         lambda f: block_progress(SAMPLES_SHARE * f), binned=binned)
+        if is_canceled():
+            raise Canceled()
+        model_progress = lambda f: block_progress(SAMPLES_SHARE + (1.0 - SAMPLES_SHARE) * f)  # noqa: E731
+        if runner is None:
+            got = _run_inprocess(params, checkpoint, samples, model_progress, is_canceled)
+            outcome.cells.extend(got["cells"])
+            outcome.kind = got.get("kind") or outcome.kind
+            outcome.model_name = got.get("model") or outcome.model_name
+            outcome.notices = [m for m in got.get("notices", []) if m not in outcome.notices] + outcome.notices
+            device = got.get("device", "")
+        else:
+            cells = runner.run(samples, params.task, params.batch_size, model_progress, is_canceled)
+            if cells is None:
+                raise Canceled()
+            outcome.cells.extend(cells)
+        done += n
+    if is_canceled():
+        raise Canceled()
+    predicted = sum(1 for c in outcome.cells if results._get(c, "sufficient"))
+    where = device or (runner.description if runner is not None else "")
+    outcome.summary = tr("{n} cells, {p} predicted, on {where}").format(n=len(outcome.cells), p=predicted, where=where)
+    progress(1.0)
+    return outcome
+
+
+def materialize_outcome(params: AnalysisParams, outcome: AnalysisOutcome) -> QgsVectorLayer:
+    """The styled result layer of an outcome (main thread): memory layer, or the GeoPackage at
+    ``params.output_path``. Not yet added to the project."""
+    when = _dt.datetime.now()
+    inputs = dict(params.input_names)
+    inputs[tr("cell size")] = f"{params.cell_size:g} m ({outcome.crs_authid})"
+    return results.build_result_layer(outcome.cells, outcome.crs_authid, params.task, outcome.model_name,
+                                      output_path=params.output_path, checkpoint=outcome.checkpoint, inputs=inputs,
+                                      kind=outcome.kind, backend=outcome.backend, when=when)
+
+
+# ------------------------------------------------------------------------------------ QgsTask
+class AnalysisTask(QgsTask):
+    """Runs :func:`execute` in QGIS's task manager. ``done(layer or None, message, level)`` is
+    emitted once on the main thread when the run ends, whatever the reason."""
+
+    done = pyqtSignal(object, str, str)
+
+    def __init__(self, params: AnalysisParams):
+        super().__init__(tr("ReFound: {task}").format(task=task_label(params.task)), QgsTask.CanCancel)
+        self.params = params
+        self.outcome: Optional[AnalysisOutcome] = None
+        self.error = ""
+        self.error_detail = ""
+        self._runner = None
+
+    def _set_runner(self, runner):
+        self._runner = runner
+
+    def run(self) -> bool:  # worker thread: no widgets, no project layers
+        try:
+            self.outcome = execute(self.params, lambda f: self.setProgress(100.0 * f), self.isCanceled,
+                                   self._set_runner)
+            return not self.isCanceled()
+        except Canceled:
+            return False
+        except InputError as exc:
+            self.error = str(exc)
+            return False
+        except Exception as exc:  # noqa: BLE001 - reported in the panel, never crashes QGIS
+            self.error = tr("The analysis failed: {err}").format(err=f"{type(exc).__name__}: {exc}")
+            self.error_detail = traceback.format_exc()
+            return False
+
+    def cancel(self):
+        runner = self._runner
+        if runner is not None:  # tell the backend too, without blocking the GUI on the request
+            threading.Thread(target=runner.cancel, name="refound-cancel", daemon=True).start()
+        super().cancel()
+
+    def finished(self, ok: bool):  # main thread
+        if self.isCanceled() or (not ok and not self.error):
+            self.outcome = None
+            self.done.emit(None, tr("Analysis canceled; no layer was created."), "info")
+            return
+        if not ok:
+            if self.error_detail:
+                from qgis.core import Qgis, QgsMessageLog
+
+                QgsMessageLog.logMessage(self.error_detail, "ReFound", Qgis.Critical)
+            self.done.emit(None, self.error, "critical" if self.error_detail else "warning")
+            return
+        try:
+            layer = materialize_outcome(self.params, self.outcome)
+            results.add_to_project(layer, self.params.input_layer_ids)
+        except InputError as exc:
+            self.done.emit(None, str(exc), "warning")
+            return
+        except Exception as exc:  # noqa: BLE001
+            self.done.emit(None, tr("The result layer could not be created: {err}").format(err=exc), "critical")
+            return
+        msg = tr("{task}: {n} cells → layer '{name}'.").format(task=task_label(self.params.task),
+                                                              n=self.outcome.n_cells, name=layer.name())
+        if self.outcome.notices:
+            msg += " " + " ".join(self.outcome.notices)
+        self.done.emit(layer, msg, "success")

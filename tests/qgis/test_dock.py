@@ -1,0 +1,258 @@
+"""The dock, filled through qtbot, runs a real analysis in-process on the synthetic scene."""
+from __future__ import annotations
+
+import math
+import os
+
+import pytest
+from qgis_testlib import CELL, EPSG, IMAGE_COLS, SCENE_CELLS, X0, Y0, expected_cell_count, scene_extent
+
+pytestmark = pytest.mark.qgis
+TIMEOUT_MS = 60_000
+
+
+@pytest.fixture
+def dock(iface, qtbot, clean_settings):
+    from qgis.core import QgsCoordinateReferenceSystem
+    from qgis.gui import QgsMapCanvas
+
+    from refound_qgis.dock import RefoundDock
+
+    # A shown, square top-level canvas: the mocked iface's canvas sits in a hidden main window
+    # and never gets its size, so its extent would not be the one set.
+    canvas = QgsMapCanvas()
+    qtbot.addWidget(canvas)
+    canvas.resize(400, 400)
+    canvas.show()
+    qtbot.waitUntil(lambda: canvas.mapSettings().outputSize().width() > 300)
+    iface.mapCanvas.return_value = canvas
+    canvas.setDestinationCrs(QgsCoordinateReferenceSystem(EPSG))
+    canvas.setExtent(scene_extent())
+    d = RefoundDock(iface)
+    qtbot.addWidget(d)
+    yield d
+    d.cancel_analysis()
+    if d.current_task is not None:
+        with qtbot.waitSignal(d.analysis_finished, timeout=TIMEOUT_MS):
+            pass
+    d.shutdown()
+
+
+def _fill(dock, pois, img, checkpoint, task="urban_village", output=""):
+    dock.poi_combo.setLayer(pois)
+    dock.imagery_combo.setLayer(img)
+    dock.name_field.setField("title")
+    dock.category_field.setField("kind")
+    dock.task_combo.setCurrentIndex(dock.task_combo.findData(task))
+    dock.checkpoint_widget.setFilePath(str(checkpoint))
+    dock.backend_combo.setCurrentIndex(dock.backend_combo.findData("inprocess"))
+    dock.device_combo.setCurrentIndex(dock.device_combo.findData("cpu"))
+    dock.cell_size_spin.setValue(CELL)
+    dock.batch_spin.setValue(4)
+    dock.output_widget.setFilePath(output)
+
+
+def _run(qtbot, dock):
+    with qtbot.waitSignal(dock.analysis_finished, timeout=TIMEOUT_MS) as blocker:
+        dock.run_button.click()
+    return blocker.args
+
+
+def assert_styled(layer):
+    """Rule-based style: every sufficient cell falls in exactly one class, every insufficient
+    cell in the (hatched or transparent) insufficient rule."""
+    from qgis.core import QgsExpression, QgsExpressionContext, QgsExpressionContextUtils, QgsRuleBasedRenderer
+    from qgis.PyQt.QtCore import Qt
+
+    r = layer.renderer()
+    assert isinstance(r, QgsRuleBasedRenderer)
+    rules = r.rootRule().children()
+    exprs = [QgsExpression(rule.filterExpression()) for rule in rules]
+    ctx = QgsExpressionContext(QgsExpressionContextUtils.globalProjectLayerScopes(layer))
+    for f in layer.getFeatures():
+        ctx.setFeature(f)
+        hits = [rule for rule, e in zip(rules, exprs) if e.evaluate(ctx)]
+        assert len(hits) == 1, (f["cell_id"], [h.label() for h in hits])
+        if not f["sufficient"]:
+            sym = hits[0].symbol().symbolLayer(0)
+            assert "insufficient" in hits[0].label()
+            assert sym.brushStyle() != Qt.SolidPattern or sym.color().alpha() == 0
+
+
+def _layers(project):
+    return {lyr.id(): lyr for lyr in project.mapLayers().values()}
+
+
+def test_dock_runs_a_real_analysis(qtbot, dock, iface, project, scene_layers, checkpoints):
+    from qgis.core import QgsRuleBasedRenderer
+
+    pois, img = scene_layers
+    # The bundle folder (one checkpoint per task): the dock picks the urban-village one.
+    _fill(dock, pois, img, checkpoints["root"], "urban_village")
+    assert "16 cells" in dock.estimate_label.text()
+    before = set(_layers(project))
+    layer, message = _run(qtbot, dock)
+    assert layer is not None, message
+    assert set(_layers(project)) - before == {layer.id()}
+    # One feature per cell of the canvas extent, with ids of the fixed grid.
+    n = expected_cell_count(iface.mapCanvas().extent())
+    assert layer.featureCount() == n == SCENE_CELLS ** 2
+    names = layer.fields().names()
+    for f in ("prediction", "cell_id", "poi_count", "image_coverage", "sufficient"):
+        assert f in names
+    feats = list(layer.getFeatures())
+    assert {f["cell_id"] for f in feats} == {f"{EPSG}/256/{c}_{r}" for c in range(1500, 1504) for r in range(26060, 26064)}
+    for f in feats:
+        col = int(f["cell_id"].split("/")[-1].split("_")[0]) - 1500
+        if col >= IMAGE_COLS:  # neither POIs nor imagery: kept, flagged, not predicted
+            assert not f["sufficient"] and f["prediction"] in (None,) or str(f["prediction"]) == "NULL"
+            assert f["image_coverage"] == 0 and f["poi_count"] == 0
+        else:
+            assert f["sufficient"]
+            assert 0.0 <= float(f["prediction"]) <= 1.0  # a probability
+            assert f["image_coverage"] == pytest.approx(1.0)
+    assert sum(f["poi_count"] for f in feats) == 60
+    # Styled: rule-based, probability classes plus a hatched rule for insufficient cells.
+    r = layer.renderer()
+    assert isinstance(r, QgsRuleBasedRenderer)
+    assert_styled(layer)
+    assert any("0.50" in rule.label() for rule in r.rootRule().children())  # the decision break
+    # Legend title carries task, model and date; the layer sits above the inputs.
+    assert "Urban villages" in layer.name() and "refound_tiny" in layer.name()
+    assert __import__("datetime").date.today().isoformat() in layer.name()
+    order = [n.layerId() for n in project.layerTreeRoot().findLayers()]
+    assert order.index(layer.id()) < min(order.index(pois.id()), order.index(img.id()))
+    assert "refound_tiny" in layer.metadata().abstract()
+    assert dock.progress_bar.value() == 100 and dock.run_button.isEnabled()
+    # The same cells give the same predictions on a second run (stable grid, seeded featurisation).
+    first = {f["cell_id"]: f["prediction"] for f in feats}
+    layer2, _ = _run(qtbot, dock)
+    assert {f["cell_id"]: f["prediction"] for f in layer2.getFeatures()} == first
+
+
+def test_dock_population_to_geopackage(qtbot, dock, project, scene_layers, checkpoints, tmp_path):
+    pois, img = scene_layers
+    out = tmp_path / "population.gpkg"
+    _fill(dock, pois, img, checkpoints["population"], "population", str(out))
+    layer, message = _run(qtbot, dock)
+    assert layer is not None, message
+    assert out.exists() and layer.source().startswith(str(out))
+    values = [f["prediction"] for f in layer.getFeatures() if f["sufficient"]]
+    assert len(values) == IMAGE_COLS * SCENE_CELLS and all(math.isfinite(float(v)) for v in values)
+    assert [p for p in os.listdir(tmp_path) if p.startswith(".")] == []  # no temp leftovers
+
+
+def test_field_mapping_remembered_per_layer(qtbot, dock, scene_layers):
+    from qgis.core import QgsVectorLayer
+
+    from refound_qgis import settings
+
+    pois, img = scene_layers
+    other = QgsVectorLayer("Point?crs=EPSG:4326&field=name:string&field=amenity:string", "other", "memory")
+    __import__("qgis.core", fromlist=["QgsProject"]).QgsProject.instance().addMapLayer(other)
+    dock.poi_combo.setLayer(pois)
+    dock.name_field.setField("title")
+    dock.category_field.setField("kind")
+    assert settings.field_mapping(pois.source()) == ("title", "kind")
+    dock.poi_combo.setLayer(other)  # a new layer: fields guessed from their names
+    assert (dock.name_field.currentField(), dock.category_field.currentField()) == ("name", "amenity")
+    dock.poi_combo.setLayer(pois)  # back: the remembered mapping returns
+    assert (dock.name_field.currentField(), dock.category_field.currentField()) == ("title", "kind")
+
+
+def test_cancel_leaves_no_layer_and_no_file(qtbot, dock, project, scene_layers, checkpoints, tmp_path, monkeypatch):
+    from refound_qgis import layer_io
+
+    pois, img = scene_layers
+    out = tmp_path / "canceled.gpkg"
+    _fill(dock, pois, img, checkpoints["root"], "urban_village", str(out))
+    real = layer_io.build_samples
+
+    def build_then_cancel(*args, **kwargs):
+        samples = real(*args, **kwargs)
+        dock.current_task.cancel()  # the user presses Cancel while the model is about to run
+        return samples
+
+    monkeypatch.setattr(layer_io, "build_samples", build_then_cancel)
+    before = set(_layers(project))
+    layer, message = _run(qtbot, dock)
+    assert layer is None and "canceled" in message.lower()
+    assert set(_layers(project)) == before
+    assert not out.exists() and os.listdir(tmp_path) == []
+
+
+def test_cancel_button_during_run(qtbot, dock, project, scene_layers, checkpoints):
+    pois, img = scene_layers
+    _fill(dock, pois, img, checkpoints["root"], "urban_village")
+    before = set(_layers(project))
+    with qtbot.waitSignal(dock.analysis_finished, timeout=TIMEOUT_MS) as blocker:
+        dock.start_analysis()
+        assert dock.cancel_button.isEnabled()
+        dock.cancel_button.click()
+    assert blocker.args[0] is None and "canceled" in blocker.args[1].lower()
+    assert set(_layers(project)) == before
+
+
+@pytest.mark.parametrize("case", ["no_poi_layer", "antimeridian", "raster_elsewhere", "empty_extent",
+                                  "no_checkpoint", "wrong_task_checkpoint"])
+def test_wrong_inputs_give_a_message_and_no_layer(qtbot, dock, iface, project, scene_layers, checkpoints, tmp_path,
+                                                  case):
+    from qgis.core import QgsCoordinateReferenceSystem, QgsRasterLayer, QgsRectangle
+
+    from qgis_testlib import write_geotiff
+
+    pois, img = scene_layers
+    _fill(dock, pois, img, checkpoints["root"], "urban_village")
+    canvas = iface.mapCanvas()
+    expect = {"no_poi_layer": "No POI layer", "antimeridian": "antimeridian", "raster_elsewhere": "does not cover",
+              "empty_extent": "empty", "no_checkpoint": "checkpoint", "wrong_task_checkpoint": "no head for"}[case]
+    if case == "no_poi_layer":
+        dock.poi_combo.setLayer(None)
+    elif case == "antimeridian":
+        canvas.setDestinationCrs(QgsCoordinateReferenceSystem("EPSG:4326"))
+        canvas.setExtent(QgsRectangle(179.9, 60.0, 180.1, 60.1))
+    elif case == "raster_elsewhere":
+        write_geotiff(tmp_path / "far.tif", X0 + 100 * CELL, Y0 + CELL, 64, 64, 4.0)
+        far = QgsRasterLayer(str(tmp_path / "far.tif"), "far")
+        project.addMapLayer(far)
+        dock.imagery_combo.setLayer(far)
+    elif case == "empty_extent":
+        # A canvas never reports an empty extent by itself (e.g. before the first render it can).
+        canvas.extent = lambda: QgsRectangle(X0, Y0, X0, Y0)
+    elif case == "no_checkpoint":
+        dock.checkpoint_widget.setFilePath(str(tmp_path / "missing"))
+    elif case == "wrong_task_checkpoint":
+        dock.checkpoint_widget.setFilePath(str(checkpoints["population"]))
+    before = set(_layers(project))
+    layer, message = _run(qtbot, dock)
+    assert layer is None
+    assert expect.lower() in message.lower(), message
+    assert dock.status_label.text() == message
+    assert set(_layers(project)) == before
+    assert dock.run_button.isEnabled() and dock.current_task is None
+
+
+def test_block_size_does_not_change_results(project, scene_layers, checkpoints, monkeypatch):
+    """Cells go through imagery reading and the model block by block; the split is invisible."""
+    from qgis.core import QgsCoordinateReferenceSystem
+
+    from refound_qgis import layer_io, task
+
+    pois, img = scene_layers
+    params = task.AnalysisParams(task="population", extent=scene_extent(), extent_crs=QgsCoordinateReferenceSystem(EPSG),
+                                 checkpoint_dir=str(checkpoints["root"]), backend="inprocess", device="cpu", batch_size=2,
+                                 pois=layer_io.PoiInput.from_layer(pois, "title", "kind"),
+                                 imagery=layer_io.ImageryInput.from_layer(img))
+    whole = task.execute(params)
+    monkeypatch.setattr(task, "BLOCK_CELLS", 3)  # 4 columns: one row per block
+    seen = []
+    monkeypatch.setattr(layer_io, "build_samples", lambda plan, *a, _f=layer_io.build_samples, **k: seen.append(len(plan)) or _f(plan, *a, **k))
+    progress = []
+    split = task.execute(params, progress.append)
+    assert seen == [4, 4, 4, 4]
+    a = {c.cell_id: c.value for c in split.cells if c.sufficient}
+    b = {c.cell_id: c.value for c in whole.cells if c.sufficient}
+    assert a.keys() == b.keys() and len(a) == IMAGE_COLS * SCENE_CELLS
+    for k in a:  # other batch compositions pad differently: equal up to bf16 rounding
+        assert a[k] == pytest.approx(b[k], rel=1e-4)
+    assert progress == sorted(progress) and progress[-1] == 1.0
