@@ -376,7 +376,8 @@ def _inverse_target(values: np.ndarray, task_meta: dict) -> np.ndarray:
         values = values * float(scaler.get("std", 1.0)) + float(scaler.get("mean", 0.0))
     if task_meta.get("log_target"):
         with np.errstate(over="ignore"):
-            values = np.expm1(values)
+            # log1p targets are counts: expm1 of a slightly negative output is not a population
+            values = np.maximum(np.expm1(values), 0.0)
     return values
 
 

@@ -63,7 +63,7 @@ class TaskSpec:
 
     def to_original(self, y: np.ndarray) -> np.ndarray:
         y = np.asarray(y, dtype=np.float64)
-        return np.expm1(y) if self.log_target else y
+        return np.maximum(np.expm1(y), 0.0) if self.log_target else y
 
 
 BUILTIN = {
