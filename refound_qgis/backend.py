@@ -35,7 +35,14 @@ def torch_in_qgis() -> tuple:
     if "ok" not in _TORCH_STATE:
         try:
             import importlib
+            import sys
 
+            # torch -> torch._dynamo imports Triton, whose bundled LLVM segfaults next to the
+            # libLLVM that Mesa's OpenGL driver has already loaded in the QGIS desktop (not in
+            # qgis_process or offscreen). Triton only serves torch.compile, which inference
+            # never uses, so it is hidden from this process.
+            if "triton" not in sys.modules:
+                sys.modules["triton"] = None
             torch = importlib.import_module("torch")
             _TORCH_STATE.update(ok=True, detail=str(getattr(torch, "__version__", "?")))
         except Exception as exc:  # noqa: BLE001 - any failure means "not usable here"

@@ -162,6 +162,12 @@ class RefoundDock(QgsDockWidget):
         self.status_label.setWordWrap(True)
         outer.addWidget(self.status_label)
         outer.addStretch(1)
+        # Combos otherwise size to their longest entry (e.g. the backend's) and the panel
+        # squeezes the map canvas on a laptop screen.
+        for combo in body.findChildren(QComboBox):
+            combo.setSizeAdjustPolicy(QComboBox.AdjustToMinimumContentsLengthWithIcon)
+            combo.setMinimumContentsLength(12)
+            combo.setMinimumWidth(80)
         self.setWidget(body)
 
     def _restore(self):
