@@ -14,6 +14,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--task", action="append", required=True,
                    help="task to evaluate (repeatable): urban_village, population, commercial, or a label column with --task-kind")
     p.add_argument("--task-kind", choices=["binary", "regression", "multiclass"], help="kind of custom tasks")
+    p.add_argument("--log-target", choices=["yes", "no"],
+                   help="train regressions on log1p(y) (default: yes for population/commercial); metrics stay in original units")
     p.add_argument("--checkpoint", help="pre-trained ReFound checkpoint (needed by the refound_* methods)")
     p.add_argument("--methods", default=DEFAULT_METHODS,
                    help=f"comma-separated methods (default {DEFAULT_METHODS}); `--list-methods` shows all")
@@ -58,7 +60,8 @@ def run(args) -> int:
     except ValueError:
         raise InputError(f"--data-scale {args.data_scale!r} must be comma-separated percentages, e.g. 100,50,10") from None
     ds = RegionDataset(args.data)
-    tasks = [get_task(t, kind=args.task_kind) for t in args.task]
+    log_target = None if args.log_target is None else args.log_target == "yes"
+    tasks = [get_task(t, kind=args.task_kind, log_target=log_target) for t in args.task]
     ctx = EvalContext(dataset=ds, checkpoint=args.checkpoint, device=resolve_device(args.device), epochs=args.epochs,
                       batch_size=args.batch_size, lr=args.lr, cache_dir=args.cache_dir,
                       options={"fusion": args.fusion, "feature_epochs": args.feature_epochs})

@@ -74,6 +74,7 @@ def run_evaluation(ctx: EvalContext, tasks: Sequence[TaskSpec], methods: Sequenc
                     "results": {}}
         for frac in fractions:
             sub = subsample(split, frac, seed)
+            task_rep.setdefault("train_sizes", {})[str(frac)] = int(len(sub.train))
             for m in methods:
                 method = REGISTRY[m](ctx)
                 rows = []
@@ -130,7 +131,8 @@ def markdown_report(report: dict) -> str:
         keys = METRIC_ORDER[kind]
         for frac, methods in trep["results"].items():
             lines.append(f"## {tname} ({trep['spec']['description'] or kind}), training data {float(frac) * 100:g}%"
-                         f" — train/val/test {trep['sizes']['train']}/{trep['sizes']['val']}/{trep['sizes']['test']}")
+                         f" — train/val/test {trep.get('train_sizes', {}).get(frac, trep['sizes']['train'])}"
+                         f"/{trep['sizes']['val']}/{trep['sizes']['test']}")
             lines.append("")
             lines.append("| method | mode | " + " | ".join(f"{k} {'↑' if HIGHER_IS_BETTER[k] else '↓'}" for k in keys) + " |")
             lines.append("|---|---|" + "---|" * len(keys))

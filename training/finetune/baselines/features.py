@@ -88,13 +88,17 @@ def compute_teacher_features(dataset, teachers, text_mode: str = "description", 
 
 
 def standardize(block: np.ndarray, valid: np.ndarray, train: np.ndarray) -> np.ndarray:
-    """z-score with the mean / std of the valid training rows; invalid rows stay 0 (the mean)."""
+    """z-score with the mean / std of the valid training rows, clipped to +-5; invalid rows stay 0.
+
+    The clip matters with few training regions: a feature almost constant on them has a tiny std,
+    and an unseen region then sits hundreds of deviations away and drives the MLP's output (and,
+    for log targets, its expm1) to absurd values."""
     ref = block[train[valid[train]]]
     if len(ref) == 0:
         return np.zeros_like(block, dtype=np.float32)
     mean, std = ref.mean(axis=0), ref.std(axis=0)
     std = np.where(std > 1e-6, std, 1.0)
-    out = (block - mean) / std
+    out = np.clip((block - mean) / std, -5.0, 5.0)
     out[~valid] = 0.0
     return out.astype(np.float32)
 
