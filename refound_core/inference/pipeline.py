@@ -37,7 +37,8 @@ from refound_core.errors import InputError
 log = logging.getLogger("refound.inference")
 
 TASKS = ("urban_village", "population", "commercial", "embed")
-BLOCK_CELLS = 256          # cells per grid block (one POI join, one unit of distributed sharding)
+BLOCK_CELLS = 64           # cells per grid block (one POI join, one unit of distributed sharding);
+                           # small, so the blocks in flight (prefetch depth 2) stay a few MB at any extent
 IMAGE_THREADS = 4          # concurrent windowed chip reads (GDAL releases the GIL while reading)
 STAGES = ("load", "grid", "poi_join", "image_reads", "featurize", "model", "write")
 
