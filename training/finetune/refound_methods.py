@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 from pathlib import Path
 
@@ -185,11 +184,3 @@ class ReFoundScratchFeature(_ReFoundFeatureBased):
     stands_in_for = "the same frozen-feature protocol on the untrained (random init) architecture"
     pretrained = False
 
-
-def describe_methods(names) -> list:
-    from training.finetune.methods import REGISTRY
-    return [{"name": n, "mode": REGISTRY[n].mode, "stands_in_for": REGISTRY[n].stands_in_for} for n in names]
-
-
-def _json(obj) -> str:
-    return json.dumps(obj, indent=1, default=float)
