@@ -20,7 +20,9 @@ fi
 want=$(cat requirements/*.txt setup.py | sha256sum | cut -c1-16)
 if [ "$(cat .venv/.refound-installed 2>/dev/null)" != "$want" ]; then
   echo "[setup] installing pinned Python packages into .venv (first time: a few minutes)"
-  .venv/bin/pip install -q -r requirements/pins.txt -r requirements/dev.txt -r requirements/teachers.txt
-  .venv/bin/pip install -q --no-deps -e .
+  # (this machine's pip config lists local indexes that do not exist for most names: drop that noise)
+  .venv/bin/pip install -q -r requirements/pins.txt -r requirements/dev.txt -r requirements/teachers.txt 2>&1 \
+    | { grep -v "is ignored: it is neither a file nor a directory" || true; }
+  .venv/bin/pip install -q --no-deps -e . 2>&1 | { grep -v "is ignored: it is neither a file nor a directory" || true; }
   echo "$want" > .venv/.refound-installed
 fi
