@@ -95,7 +95,20 @@ class _AtomicFile:
         os.replace(self.tmp, self.path)
 
 
-class GeoPackageWriter(_AtomicFile):
+class _ChunkedRows(_AtomicFile):
+    """Rows are buffered and flushed ``chunk_size`` at a time by the subclass's ``_flush``."""
+
+    def write(self, result: CellResult) -> None:
+        self._rows.append(result)
+        if len(self._rows) >= self.chunk_size:
+            self._flush()
+
+    def write_many(self, results: Iterable[CellResult]) -> None:
+        for r in results:
+            self.write(r)
+
+
+class GeoPackageWriter(_ChunkedRows):
     """Stream :class:`CellResult` rows into a styled GeoPackage polygon layer.
 
     Args:
@@ -122,14 +135,6 @@ class GeoPackageWriter(_AtomicFile):
         self._created = False
 
     # -- rows ---------------------------------------------------------------------------------
-    def write(self, result: CellResult) -> None:
-        self._rows.append(result)
-        if len(self._rows) >= self.chunk_size:
-            self._flush()
-
-    def write_many(self, results: Iterable[CellResult]) -> None:
-        for r in results:
-            self.write(r)
 
     def _track(self, v: float) -> None:
         if not math.isfinite(v):
@@ -246,7 +251,7 @@ class GeoPackageWriter(_AtomicFile):
         return self.path
 
 
-class GeoParquetWriter(_AtomicFile):
+class GeoParquetWriter(_ChunkedRows):
     """Stream region embeddings into a GeoParquet file (one row group per chunk).
 
     Columns: ``cell_id``, ``poi_count``, ``image_coverage``, ``sufficient``, the requested
@@ -283,14 +288,6 @@ class GeoParquetWriter(_AtomicFile):
                 b"refound": json.dumps({k: str(v) for k, v in self.provenance.items()}).encode("utf-8")}
         return pa.schema(fields, metadata=meta)
 
-    def write(self, result: CellResult) -> None:
-        self._rows.append(result)
-        if len(self._rows) >= self.chunk_size:
-            self._flush()
-
-    def write_many(self, results: Iterable[CellResult]) -> None:
-        for r in results:
-            self.write(r)
 
     def _flush(self) -> None:
         if not self._rows and self._writer is not None:
