@@ -10,7 +10,7 @@ export XDG_RUNTIME_DIR ?= /tmp/runtime-$(shell id -u)
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: setup test test-fast demo clean plugin-zip bench
+.PHONY: setup test test-fast demo demo-full screenshots clean plugin-zip
 
 setup:
 	@bash scripts/setup_env.sh
@@ -25,6 +25,15 @@ test-fast: setup
 demo: setup
 	@mkdir -p $(XDG_RUNTIME_DIR) && chmod 700 $(XDG_RUNTIME_DIR)
 	$(PY) scripts/demo.py
+
+# the paper-size recipe (refound_base, bigger cities, longer pre-training): for a GPU machine
+demo-full: setup
+	@mkdir -p $(XDG_RUNTIME_DIR) && chmod 700 $(XDG_RUNTIME_DIR)
+	$(PY) scripts/demo.py --full --out demo_full_out
+
+# real QGIS window under Xvfb -> docs/img/*.png (after `make demo`)
+screenshots: setup
+	$(PY) scripts/screenshot_qgis.py --analyze
 
 plugin-zip: setup
 	$(PY) scripts/build_plugin_zip.py
