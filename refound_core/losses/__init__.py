@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
+from refound_core.config_keys import unknown_keys
 from refound_core.losses.cmsa import cmsa_targets, compute_cmsa  # noqa: F401
 from refound_core.losses.dlfm import compute_dlfm
 from refound_core.losses.dvfm import compute_dvfm
@@ -105,10 +106,9 @@ class LossConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "LossConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
+        unknown, known = unknown_keys(cls, d)
         if unknown:
-            raise ValueError(f"unknown loss config keys {unknown}; known: {sorted(known)}")
+            raise ValueError(f"unknown loss config keys {unknown}; known: {known}")
         return cls(**d)
 
 

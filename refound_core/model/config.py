@@ -9,6 +9,8 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
+from refound_core.config_keys import unknown_keys
+
 # Normalisation of satellite images used by the official implementation (SEMANTICS.md 2.5).
 OFFICIAL_IMAGE_MEAN = (0.38247773301793103, 0.41271937512626544, 0.3403674447902101)
 OFFICIAL_IMAGE_STD = (0.17229526604561052, 0.14788625733896113, 0.16325427643628246)
@@ -94,8 +96,7 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "ModelConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
+        unknown, _ = unknown_keys(cls, d)
         if unknown:
             raise ValueError(f"unknown model config keys {unknown}: the checkpoint was written by a newer "
                              "version of refound; upgrade the package")

@@ -45,6 +45,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from refound_core.config_keys import unknown_keys
 from refound_core.errors import InputError
 from refound_core.losses import LossConfig, PretrainHeads, compute_losses
 from training.pretrain import distributed as D
@@ -137,10 +138,9 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
+        unknown, known = unknown_keys(cls, d)
         if unknown:
-            raise InputError(f"unknown pre-training settings {unknown}; known: {sorted(known)}")
+            raise InputError(f"unknown pre-training settings {unknown}; known: {known}")
         return cls(**d)
 
 
