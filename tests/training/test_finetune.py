@@ -131,3 +131,57 @@ def test_evaluate_writes_tables_with_provenance(tiny, tmp_path):
     split = json.loads((out / "split.json").read_text())["population"]
     assert not set(split["train"]) & set(split["test"])
     assert (out / "data_scale.png").stat().st_size > 1000
+
+
+def test_warmup_then_linear_decay_schedule():
+    import torch
+
+    from training.finetune.loop import warmup_linear
+
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    sched = warmup_linear(opt, total_steps=10, warmup_steps=2)
+    lrs = []
+    for _ in range(10):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    # 2 warm-up steps (1/2, 2/2 of the peak), then 8 steps falling linearly towards 0
+    assert lrs[:3] == pytest.approx([0.5, 1.0, 1.0])
+    assert lrs[2:] == pytest.approx([(10 - s) / 8 for s in range(2, 10)])
+
+
+def test_evaluate_journal_reuses_finished_runs_and_notices_changed_settings(tiny, tmp_path, monkeypatch):
+    from training.cli import main
+    from training.finetune.refound_methods import ReFoundLinear
+
+    root, ds, ckpt = tiny
+    calls = []
+    real_run = ReFoundLinear.run
+
+    def counting_run(self, task, split, seed):
+        calls.append(seed)
+        return real_run(self, task, split, seed)
+
+    monkeypatch.setattr(ReFoundLinear, "run", counting_run)
+    out = tmp_path / "eval"
+    base = ["evaluate", "--data", str(ds.folder), "--checkpoint", str(ckpt), "--task", "population",
+            "--methods", "refound_feature", "--feature-epochs", "2", "--device", "cpu",
+            "--cache-dir", str(tmp_path / "cache"), "--out", str(out)]
+    assert main(base + ["--runs", "1"]) == 0
+    first = json.loads((out / "results.json").read_text())["tasks"]["population"]["results"]["1.0"]["refound_feature"]
+    assert len(calls) == 1
+    # a larger --runs only trains the missing run; the finished one is taken from runs.jsonl as it was
+    assert main(base + ["--runs", "2"]) == 0
+    assert len(calls) == 2 and calls[1] != calls[0]
+    rows = json.loads((out / "results.json").read_text())["tasks"]["population"]["results"]["1.0"]["refound_feature"]["runs"]
+    assert len(rows) == 2 and rows[0] == first["runs"][0]
+    # a line cut short by a kill is ignored, not fatal
+    with open(out / "runs.jsonl", "a") as f:
+        f.write('{"key": "abc", "row": {"run"')
+    # another budget is another experiment: nothing is reused
+    assert main(base + ["--runs", "2", "--warmup-epochs", "1"]) == 0
+    assert len(calls) == 4
+    assert "warm-up 1" in (out / "results.md").read_text()
+    # and the runs journaled after the cut line are found again
+    assert main(base + ["--runs", "2", "--warmup-epochs", "1"]) == 0
+    assert len(calls) == 4

@@ -22,6 +22,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--list-methods", action="store_true", help="list the available methods and exit")
     p.add_argument("--runs", type=int, default=5, help="runs per method (mean ± std; default 5)")
     p.add_argument("--epochs", type=int, default=10, help="fine-tuning epochs (paper: 30-40; default 10 for CPU)")
+    p.add_argument("--warmup-epochs", type=int, default=3,
+                   help="linear lr warm-up epochs before the linear decay (paper: 3); keep it below --epochs")
     p.add_argument("--feature-epochs", type=int, default=40, help="epochs of the feature-based heads (paper: 40)")
     p.add_argument("--batch-size", type=int, default=12, help="batch size (paper: 12)")
     p.add_argument("--lr", type=float, help="peak learning rate for every method (default: each method's own)")
@@ -59,11 +61,13 @@ def run(args) -> int:
         fractions = sorted({float(v) / 100.0 for v in args.data_scale.split(",")}, reverse=True)
     except ValueError:
         raise InputError(f"--data-scale {args.data_scale!r} must be comma-separated percentages, e.g. 100,50,10") from None
+    if args.warmup_epochs < 0:
+        raise InputError(f"--warmup-epochs must be 0 or more, got {args.warmup_epochs}")
     ds = RegionDataset(args.data)
     log_target = None if args.log_target is None else args.log_target == "yes"
     tasks = [get_task(t, kind=args.task_kind, log_target=log_target) for t in args.task]
     ctx = EvalContext(dataset=ds, checkpoint=args.checkpoint, device=resolve_device(args.device), epochs=args.epochs,
-                      batch_size=args.batch_size, lr=args.lr, cache_dir=args.cache_dir,
+                      batch_size=args.batch_size, lr=args.lr, warmup_epochs=args.warmup_epochs, cache_dir=args.cache_dir,
                       options={"fusion": args.fusion, "feature_epochs": args.feature_epochs})
     report = run_evaluation(ctx, tasks, methods, args.out, runs=args.runs, seed=args.seed, fractions=fractions,
                             negative_ratio=args.negative_ratio)

@@ -18,6 +18,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mode", choices=["finetune", "linear"], default="finetune",
                    help="finetune: whole model + head (paper A.2.2); linear: frozen backbone, head only (feature-based, A.2.3)")
     p.add_argument("--epochs", type=int, default=None, help="epochs (default 30 finetune / 40 linear, paper Tables 5-6)")
+    p.add_argument("--warmup-epochs", type=int, default=3, help="linear lr warm-up epochs before the linear decay (paper: 3)")
     p.add_argument("--lr", type=float, default=None, help="peak learning rate (default 1e-4 finetune / 5e-4 linear)")
     p.add_argument("--batch-size", type=int, default=12, help="batch size (paper: 12)")
     p.add_argument("--fusion", choices=["average", "attention"], help="h[P]/h[S] fusion (default per task, paper Tables 5-6)")
@@ -46,12 +47,14 @@ def run(args) -> int:
     task = get_task(args.task, kind=args.task_kind, label=args.label, log_target=log_target)
     if task.kind == "multiclass":
         task = type(task)(**{**task.to_dict(), "num_classes": args.num_classes})
+    if args.warmup_epochs < 0:
+        raise InputError(f"--warmup-epochs must be 0 or more, got {args.warmup_epochs}")
     ds = RegionDataset(args.data)
     device = resolve_device(args.device)
     linear = args.mode == "linear"
     epochs = args.epochs or (40 if linear else 30)
     ctx = EvalContext(dataset=ds, checkpoint=args.checkpoint, device=device, epochs=epochs,
-                      batch_size=args.batch_size, lr=args.lr,
+                      batch_size=args.batch_size, lr=args.lr, warmup_epochs=args.warmup_epochs,
                       options={"fusion": args.fusion, "layer_decay": args.layer_decay,
                                "feature_epochs": epochs, "log": print})
     y = labels_of(ds, task)

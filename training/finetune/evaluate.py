@@ -5,10 +5,15 @@
 * N runs (different training seeds, same split), reported as mean +- std.
 * Optional data-scale analysis: the same with 100/75/50/25/10 % of the training split.
 * Outputs: ``results.json`` (every run), ``results.md`` (tables with the data's provenance in the
-  header), ``data_scale.png`` when several training fractions were run.
+  header), ``data_scale.png`` when several training fractions were run. Both are rewritten after
+  every method, so a long evaluation shows its finished rows while it runs.
+* ``runs.jsonl`` journals every finished run with a fingerprint of its settings: the same command
+  run again (after a kill, or with a larger ``--runs``) reuses those runs instead of repeating
+  hours of fine-tuning; any change of data, checkpoint or hyper-parameters starts afresh.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import time
@@ -51,6 +56,57 @@ def subsample(split: Split, fraction: float, seed: int) -> Split:
     return Split(train=train, val=split.val, test=split.test)
 
 
+class RunJournal:
+    """Finished runs of an output folder, one JSON line each, keyed by a fingerprint of everything
+    that determines a run's result (data, checkpoint, budget, split seed, task, fraction, method,
+    run index). Appending one line per run keeps what is done safe whenever the process dies; a
+    line cut short by a kill is ignored."""
+
+    def __init__(self, path: Path, settings: dict):
+        self.path = path
+        self.settings = settings
+        self.done = {}
+        self._cut = False  # the last line was cut short by a kill: start the next one on a new line
+        if path.exists():
+            text = path.read_text(encoding="utf-8")
+            self._cut = bool(text) and not text.endswith("\n")
+            for line in text.splitlines():
+                try:
+                    rec = json.loads(line)
+                    self.done[rec["key"]] = rec["row"]
+                except (ValueError, KeyError, TypeError):
+                    continue
+
+    def key(self, task: TaskSpec, fraction: float, method: str, run: int) -> str:
+        blob = json.dumps({**self.settings, "task": task.to_dict(), "fraction": fraction, "method": method,
+                           "run": run}, sort_keys=True, default=str)
+        return hashlib.sha256(blob.encode()).hexdigest()[:20]
+
+    def get(self, key: str) -> Optional[dict]:
+        return self.done.get(key)
+
+    def add(self, key: str, row: dict) -> None:
+        self.done[key] = row
+        with open(self.path, "a", encoding="utf-8") as f:
+            if self._cut:
+                f.write("\n")
+                self._cut = False
+            f.write(json.dumps({"key": key, "row": row}, default=float) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+
+def _checkpoint_stamp(checkpoint) -> Optional[str]:
+    """Identity of a checkpoint for the journal: its weights' size and modification time."""
+    if not checkpoint:
+        return None
+    parts = []
+    for name in ("config.json", "model.safetensors"):
+        f = Path(checkpoint) / name
+        parts.append(f"{name}:{f.stat().st_size}:{f.stat().st_mtime_ns}" if f.exists() else f"{name}:-")
+    return f"{Path(checkpoint).resolve()}|{'|'.join(parts)}"
+
+
 def run_evaluation(ctx: EvalContext, tasks: Sequence[TaskSpec], methods: Sequence[str], out_dir, *,
                    runs: int = 5, seed: int = 0, fractions: Sequence[float] = (1.0,),
                    negative_ratio: Optional[float] = None, log: Callable[[str], None] = print) -> dict:
@@ -65,7 +121,14 @@ def run_evaluation(ctx: EvalContext, tasks: Sequence[TaskSpec], methods: Sequenc
               "checkpoint": ctx.checkpoint, "runs": runs, "seed": seed, "epochs": ctx.epochs,
               "methods": {m: {"mode": REGISTRY[m].mode, "stands_in_for": REGISTRY[m].stands_in_for} for m in methods},
               "tasks": {}}
+    journal = RunJournal(out / "runs.jsonl", {
+        "data": str(Path(ds.folder).resolve()), "cells": len(ds), "checkpoint": _checkpoint_stamp(ctx.checkpoint),
+        "epochs": ctx.epochs, "warmup_epochs": ctx.warmup_epochs, "batch_size": ctx.batch_size, "lr": ctx.lr,
+        "options": {k: v for k, v in ctx.options.items() if isinstance(v, (str, int, float, bool, type(None)))},
+        "seed": seed, "negative_ratio": negative_ratio})
+    report["warmup_epochs"] = ctx.warmup_epochs
     splits = {}
+    reused = 0
     for task in tasks:
         y = labels_of(ds, task)
         split = make_split(y, seed, negative_ratio, task.kind)
@@ -79,21 +142,36 @@ def run_evaluation(ctx: EvalContext, tasks: Sequence[TaskSpec], methods: Sequenc
                 method = REGISTRY[m](ctx)
                 rows = []
                 for r in range(runs):
+                    key = journal.key(task, frac, m, r)
+                    row = journal.get(key)
+                    if row is not None:
+                        reused += 1
+                        rows.append(row)
+                        continue
                     t0 = time.time()
                     res = method.run(task, sub, seed + 1000 * r + 1)
                     metrics = task_metrics(task.kind, y[sub.test], res.test_pred)
                     rows.append({"run": r, "best_epoch": res.best_epoch, "seconds": round(time.time() - t0, 1),
                                  **metrics})
+                    journal.add(key, rows[-1])
                     log(f"[{task.name} {int(frac * 100)}% {m} run {r + 1}/{runs}] " +
                         " ".join(f"{k} {v:.4f}" for k, v in metrics.items()) + f" ({rows[-1]['seconds']} s)")
                 task_rep["results"].setdefault(str(frac), {})[m] = {"runs": rows, "summary": summarise(rows, task.kind)}
+                report["tasks"][task.name] = task_rep
+                _write_outputs(out, report, splits, plot=False)
         report["tasks"][task.name] = task_rep
+    if reused:
+        log(f"reused {reused} finished run(s) from {out / 'runs.jsonl'}")
+    _write_outputs(out, report, splits, plot=len(fractions) > 1)
+    return report
+
+
+def _write_outputs(out: Path, report: dict, splits: dict, plot: bool) -> None:
     _write_json(out / "split.json", splits)
     _write_json(out / "results.json", report)
     _write_text(out / "results.md", markdown_report(report))
-    if len(fractions) > 1:
+    if plot:
         plot_data_scale(report, out / "data_scale.png")
-    return report
 
 
 def summarise(rows: list, kind: str) -> dict:
@@ -125,7 +203,8 @@ def markdown_report(report: dict) -> str:
              f"- {provenance_line(report)}",
              f"- checkpoint: `{report['checkpoint']}`",
              f"- protocol: random thirds (seed {report['seed']}), best epoch on validation, test metrics, "
-             f"{report['runs']} runs (mean ± std), fine-tuning epochs {report['epochs']}", ""]
+             f"{report['runs']} runs (mean ± std), fine-tuning epochs {report['epochs']} "
+             f"(warm-up {report.get('warmup_epochs', 3)})", ""]
     for tname, trep in report["tasks"].items():
         kind = trep["spec"]["kind"]
         keys = METRIC_ORDER[kind]

@@ -23,6 +23,7 @@ class EvalContext:
         checkpoint: pre-trained ReFound checkpoint folder (None for methods that need none).
         device: ``"cpu"``/``"cuda"``.
         epochs, batch_size, lr: training budget (methods may scale lr to their own defaults).
+        warmup_epochs: linear lr warm-up before the linear decay (paper A.2.2/A.2.3: 3).
         cache_dir: where methods cache frozen features (embeddings, teacher outputs).
         workers: DataLoader workers.
         options: free-form per-method options (e.g. ``{"fusion": "attention"}``).
@@ -34,6 +35,7 @@ class EvalContext:
     epochs: int = 10
     batch_size: int = 12
     lr: Optional[float] = None
+    warmup_epochs: int = 3
     cache_dir: Optional[str] = None
     workers: int = 0
     options: dict = field(default_factory=dict)

@@ -65,7 +65,8 @@ class _ReFoundFineTune(Method):
         y = labels_of(ctx.dataset, task)
         result, state, scaler = fit_and_select(
             model, groups, forward, batches, task, y, split.train, split.val, split.test,
-            epochs=ctx.epochs, lr=ctx.lr or self.default_lr, seed=seed, log=ctx.options.get("log"))
+            epochs=ctx.epochs, lr=ctx.lr or self.default_lr, warmup_epochs=ctx.warmup_epochs, seed=seed,
+            log=ctx.options.get("log"))
         return result, (model, loaded, fusion), scaler
 
 
@@ -168,7 +169,8 @@ class _ReFoundFeatureBased(Method):
         y = labels_of(ctx.dataset, task)
         result, _, scaler = fit_and_select(head, params, forward, batches, task, y, split.train, split.val,
                                            split.test, epochs=ctx.options.get("feature_epochs", 40),
-                                           lr=ctx.lr or self.default_lr, seed=seed, log=ctx.options.get("log"))
+                                           lr=ctx.lr or self.default_lr, warmup_epochs=ctx.warmup_epochs,
+                                           seed=seed, log=ctx.options.get("log"))
         return result, head, scaler
 
 

@@ -86,7 +86,7 @@ def decay_groups(model, weight_decay: float = 0.01) -> list:
 
 def train_supervised(ctx: EvalContext, task: TaskSpec, split: Split, seed: int, model,
                      forward: Callable, batches: Callable, lr: float) -> MethodResult:
-    """Labels of the task, then the shared loop (AdamW, 3-epoch warm-up + linear decay, best
+    """Labels of the task, then the shared loop (AdamW, ``ctx.warmup_epochs`` warm-up + linear decay, best
     validation epoch, predictions in original units). Training regions without a label are left
     out (a NaN target would make the loop skip its whole batch)."""
     import torch
@@ -101,7 +101,8 @@ def train_supervised(ctx: EvalContext, task: TaskSpec, split: Split, seed: int, 
     model.to(ctx.device)
     result, _, _ = fit_and_select(model, decay_groups(model), forward, batches, task, y, train,
                                   np.asarray(split.val, dtype=np.int64), np.asarray(split.test, dtype=np.int64),
-                                  epochs=int(ctx.epochs), lr=lr, seed=seed, log=log.info)
+                                  epochs=int(ctx.epochs), lr=lr, warmup_epochs=ctx.warmup_epochs, seed=seed,
+                                  log=log.info)
     if str(ctx.device).startswith("cuda"):
         torch.cuda.empty_cache()  # the optimizer of this run is gone; give its memory back
     return result
