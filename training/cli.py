@@ -18,6 +18,7 @@ COMMANDS = {
     "doctor": ("training.commands.doctor", "report versions, device (CUDA / CPU bf16-AMX) and installed teachers"),
     "synthcity": ("training.commands.synthcity", "generate a seeded synthetic city (imagery, POIs, labels)"),
     "build-dataset": ("training.commands.build_dataset", "build a region dataset folder from files or a synthetic city"),
+    "add-label": ("training.commands.add_label", "add a label column to a dataset from any raster or vector layer"),
     "teachers": ("training.commands.teachers", "compute and cache the teacher outputs of a dataset for pre-training"),
     "pretrain": ("training.commands.pretrain", "pre-train ReFound with the five objectives (one CPU to many GPUs)"),
     "plot-log": ("training.commands.plot_log", "draw the loss curves of a pre-training run to PNG"),

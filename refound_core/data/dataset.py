@@ -384,6 +384,19 @@ class RegionDataset:
         self._open()
         return self._images
 
+    def cells(self) -> list:
+        """The grid cells (:class:`refound_core.data.grid.Cell`) in dataset order."""
+        from refound_core.data.grid import Cell
+
+        return [Cell(cid, int(c), int(r), tuple(float(v) for v in b), self.crs)
+                for cid, c, r, b in zip(self.cell_ids, self.col, self.row, self.bounds)]
+
+    @property
+    def label_info(self) -> dict:
+        """``{label: {"kind", "stat", "classes", "source", ...}}`` for labels added by
+        :func:`add_label_column` (``refound add-label``); the built-in labels have none."""
+        return dict(self.meta.get("label_info") or {})
+
     def index_of(self, cell_id: str) -> int:
         if self._index is None:
             self._index = {c: i for i, c in enumerate(self.cell_ids)}
@@ -436,3 +449,57 @@ class RegionDataset:
         if self.tokenizer_path is None:
             raise InputError(f"region dataset {self.folder} has no tokenizer folder; rebuild it")
         return PoiTokenizer.load(self.tokenizer_path)
+
+
+BUILTIN_LABELS = ("urban_village", "population", "commercial")
+_LABEL_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
+
+
+def check_new_label(ds: "RegionDataset", name: str, overwrite: bool = False) -> None:
+    """One InputError when ``name`` cannot become a new label column of ``ds``."""
+    if not _LABEL_NAME.match(name or ""):
+        raise InputError(f"label name {name!r} must be a letter or _ then letters, digits or _ (at most 64); "
+                         "it becomes the task name of `refound evaluate --task NAME`")
+    if name in ds.meta.get("label_aux", []):
+        raise InputError(f"{name!r} is an auxiliary column of {ds.folder}; choose another --name")
+    if name in ds.label_names and not overwrite:
+        what = "a built-in label" if name in BUILTIN_LABELS else "a label"
+        raise InputError(f"{ds.folder} already has {what} {name!r}; choose another --name or pass --overwrite")
+
+
+def add_label_column(folder, name: str, values: np.ndarray, info: dict, overwrite: bool = False) -> Path:
+    """Add (or with ``overwrite`` replace) one label column of an existing region dataset.
+
+    ``labels.parquet`` is rewritten to a temporary file and moved in place, then ``meta.json``
+    (``label_names`` + ``label_info[name] = info``); a column the meta does not name is ignored
+    by readers, so a kill between the two leaves a readable dataset without the new label.
+    """
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    ds = RegionDataset(folder)
+    check_new_label(ds, name, overwrite)
+    values = np.asarray(values, dtype=np.float64).reshape(-1)
+    if len(values) != len(ds):
+        raise InputError(f"label {name!r} has {len(values)} values for the {len(ds)} cells of {ds.folder}")
+    table = pq.read_table(ds.folder / LABELS)
+    column = pa.array(values, pa.float64())
+    if name in table.column_names:
+        table = table.set_column(table.column_names.index(name), name, column)
+    else:
+        table = table.append_column(name, column)
+    fd, tmp = tempfile.mkstemp(prefix=f".{LABELS}.", suffix=".tmp", dir=ds.folder)
+    os.close(fd)
+    try:
+        pq.write_table(table, tmp)
+        os.chmod(tmp, _umask_mode(0o666))
+        os.replace(tmp, ds.folder / LABELS)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    meta = dict(ds.meta)
+    if name not in meta.get("label_names", []):
+        meta["label_names"] = [*meta.get("label_names", []), name]
+    meta["label_info"] = {**(meta.get("label_info") or {}), name: info}
+    _write_json_atomic(ds.folder / META, meta)
+    return ds.folder

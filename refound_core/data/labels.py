@@ -106,9 +106,13 @@ def overlap_fraction(polygons: np.ndarray, cells: Sequence) -> np.ndarray:
     return np.clip(out / shapely.area(boxes), 0.0, 1.0)
 
 
-# ------------------------------------------------------------------ reading polygons
-def read_polygons(path, crs, value_field: Optional[str] = None, layer=None, what: str = "polygon file") -> tuple:
-    """Polygons of a vector layer projected to ``crs``, and the numeric ``value_field`` (or None)."""
+# ------------------------------------------------------------------ reading vector layers
+POLYGON_TYPES, POINT_TYPES = {3, 6}, {0, 4}  # shapely type ids: (Multi)Polygon, (Multi)Point
+
+
+def read_vector(path, crs, field: Optional[str] = None, layer=None, what: str = "vector file") -> tuple:
+    """Non-empty geometries of a vector layer projected to ``crs`` (polygons made valid), and the
+    raw values of ``field`` (an object array, None entries for nulls) or None without a field."""
     import pyogrio
     import shapely
 
@@ -119,29 +123,52 @@ def read_polygons(path, crs, value_field: Optional[str] = None, layer=None, what
         info = pyogrio.read_info(p, layer=layer)
     except Exception as exc:
         raise InputError(f"{what} {p} cannot be read as a vector layer ({exc}); give a GeoPackage, "
-                         "Shapefile or GeoJSON of polygons") from None
+                         "Shapefile or GeoJSON") from None
     fields = [str(f) for f in info["fields"]]
-    if value_field is not None and value_field not in fields:
-        raise InputError(f"{what} {p} has no field {value_field!r}; its fields are {fields}; choose the field "
+    if field is not None and field not in fields:
+        raise InputError(f"{what} {p} has no field {field!r}; its fields are {fields}; choose the field "
                          "that holds the values")
     if not info.get("crs"):
         raise InputError(f"{what} {p} has no CRS; assign one (e.g. ogr2ogr -a_srs EPSG:4326) and try again")
-    columns = [value_field] if value_field else []
-    _, _, wkb, field_data = pyogrio.raw.read(p, layer=layer, columns=columns)[:4]
+    _, _, wkb, field_data = pyogrio.raw.read(p, layer=layer, columns=[field] if field else [])[:4]
     geoms = shapely.from_wkb(np.asarray(wkb, dtype=object), on_invalid="ignore")
     ok = ~(shapely.is_missing(geoms) | shapely.is_empty(geoms))
-    kinds = set(shapely.get_type_id(geoms[ok]).tolist())
-    if kinds - {3, 6}:  # Polygon, MultiPolygon
-        raise InputError(f"{what} {p} holds non-polygon geometries; give polygons (area weighting and "
-                         "overlap need areas)")
-    values = None
-    if value_field:
-        try:
-            values = np.array([np.nan if v is None else v for v in field_data[0]], dtype=np.float64)[ok]
-        except (TypeError, ValueError):
-            raise InputError(f"field {value_field!r} of {what} {p} is not numeric; choose a numeric field") from None
-    geoms = shapely.make_valid(_reproject(geoms[ok], info["crs"], crs))
+    values = np.asarray(list(field_data[0]), dtype=object)[ok] if field else None
+    geoms = _reproject(geoms[ok], info["crs"], crs)
+    polygons = np.isin(shapely.get_type_id(geoms), list(POLYGON_TYPES))
+    if polygons.any():
+        geoms[polygons] = shapely.make_valid(geoms[polygons])
     return geoms, values
+
+
+def numeric_values(raw: np.ndarray, field: str, path, what: str) -> np.ndarray:
+    """float64 values of a field (nulls -> NaN), or one InputError naming the field."""
+    try:
+        return np.array([np.nan if v is None else v for v in raw], dtype=np.float64)
+    except (TypeError, ValueError):
+        raise InputError(f"field {field!r} of {what} {path} is not numeric; choose a numeric field") from None
+
+
+def geometry_kind(geoms: np.ndarray, path, what: str) -> str:
+    """``"polygon"`` or ``"point"``; one InputError for mixed or other geometry types."""
+    import shapely
+
+    kinds = set(shapely.get_type_id(geoms).tolist())
+    if kinds and kinds <= POLYGON_TYPES | {7}:  # make_valid may return collections of polygons
+        return "polygon"
+    if kinds and kinds <= POINT_TYPES:
+        return "point"
+    raise InputError(f"{what} {path} holds {'no geometries' if not kinds else 'lines or mixed geometries'}; "
+                     "give polygons or points")
+
+
+def read_polygons(path, crs, value_field: Optional[str] = None, layer=None, what: str = "polygon file") -> tuple:
+    """Polygons of a vector layer projected to ``crs``, and the numeric ``value_field`` (or None)."""
+    geoms, raw = read_vector(path, crs, value_field, layer, what)
+    if len(geoms) and geometry_kind(geoms, path, what) != "polygon":
+        raise InputError(f"{what} {path} holds non-polygon geometries; give polygons (area weighting and "
+                         "overlap need areas)")
+    return geoms, (numeric_values(raw, value_field, path, what) if value_field else None)
 
 
 # ------------------------------------------------------------------ the three labels
@@ -152,13 +179,22 @@ def population_from_polygons(path, cells: Sequence, value_field: str = "populati
 
 
 def population_from_raster(path, cells: Sequence, band: int = 1, max_window_px: int = 4_000_000) -> np.ndarray:
-    """POP label from a persons-per-pixel raster: each pixel is a statistical unit (paper 5.1.2).
+    """POP label from a persons-per-pixel raster: each pixel is a statistical unit (paper 5.1.2)."""
+    return raster_label(path, cells, band=band, stat="sum", max_window_px=max_window_px, what="population raster")
+
+
+def raster_label(path, cells: Sequence, band: int = 1, stat: str = "sum", max_window_px: int = 4_000_000,
+                 what: str = "label raster") -> np.ndarray:
+    """Per-cell ``sum`` (counts: each pixel a unit, area-weighted as POP in paper 5.1.2) or ``mean``
+    (intensities: the overlap-weighted mean of the valid pixels) of one raster band.
 
     Cells are processed in square tiles of cells sized so the raster window under a tile holds at
     most about ``max_window_px`` pixels (memory stays bounded for any city and resolution); the
-    window's non-zero valid pixels become quadrilaterals in the grid CRS and
-    :func:`area_weighted_sum` does the rest. Cells that do not overlap the raster get NaN (unknown).
+    window's valid pixels become quadrilaterals in the grid CRS and :func:`area_weighted_sum` does
+    the rest. Cells that do not overlap the raster (or, for ``mean``, no valid pixel) get NaN.
     """
+    if stat not in ("sum", "mean"):
+        raise InputError(f"a raster label is a per-cell sum or mean, not {stat!r}")
     import rasterio
     import shapely
     from rasterio.warp import transform_bounds
@@ -166,18 +202,18 @@ def population_from_raster(path, cells: Sequence, band: int = 1, max_window_px: 
 
     p = Path(path)
     if not p.exists():
-        raise InputError(f"population raster {p} does not exist; check the path")
+        raise InputError(f"{what} {p} does not exist; check the path")
     crs = _cells_crs(cells)
     out = np.full(len(cells), np.nan)
     try:
         src = rasterio.open(p)
     except rasterio.errors.RasterioIOError as exc:
-        raise InputError(f"population raster {p} cannot be opened by GDAL ({exc})") from None
+        raise InputError(f"{what} {p} cannot be opened by GDAL ({exc})") from None
     with src:
         if src.crs is None:
-            raise InputError(f"population raster {p} has no CRS; assign one (gdal_edit.py -a_srs ...)")
+            raise InputError(f"{what} {p} has no CRS; assign one (gdal_edit.py -a_srs ...)")
         if not 1 <= band <= src.count:
-            raise InputError(f"population raster {p} has {src.count} band(s); band {band} does not exist")
+            raise InputError(f"{what} {p} has {src.count} band(s); band {band} does not exist")
         t = _transformer(src.crs, crs)
         footprint = _reproject(np.array([shapely.segmentize(shapely.box(*src.bounds),
                                                              max(src.res) * 16)]), src.crs, crs)[0]
@@ -201,8 +237,9 @@ def population_from_raster(path, cells: Sequence, band: int = 1, max_window_px: 
                 win = Window(c0, r0, c1 - c0, r1 - r0).intersection(full)
             except rasterio.errors.WindowError:
                 continue
-            data = src.read(band, window=win, masked=True).astype(np.float64).filled(0.0)
-            rows, cols = np.nonzero(np.isfinite(data) & (data != 0))
+            data = src.read(band, window=win, masked=True).astype(np.float64).filled(np.nan)
+            # a sum only needs the non-zero pixels; a mean needs every valid one for its denominator
+            rows, cols = np.nonzero(np.isfinite(data) & ((data != 0) if stat == "sum" else True))
             values = data[rows, cols]
             tr = src.window_transform(win)
             cx = np.stack([cols, cols + 1, cols + 1, cols], axis=1).astype(np.float64)
@@ -212,9 +249,28 @@ def population_from_raster(path, cells: Sequence, band: int = 1, max_window_px: 
             if t is not None and xs.size:
                 xs, ys = (np.asarray(v).reshape(-1, 4) for v in t.transform(xs.ravel(), ys.ravel()))
             units = shapely.polygons(np.stack([xs, ys], axis=-1)) if xs.size else np.zeros(0, dtype=object)
-            sums = area_weighted_sum(units, values, block)
-            out[idx] = np.where(covered, sums, np.nan)
+            if stat == "sum":
+                out[idx] = np.where(covered, area_weighted_sum(units, values, block), np.nan)
+            else:
+                out[idx] = area_weighted_mean(units, values, block)
     return out
+
+
+def area_weighted_mean(units: np.ndarray, values: np.ndarray, cells: Sequence) -> np.ndarray:
+    """``float64 [len(cells)]``: ``sum_u v_u * area(u & cell) / sum_u area(u & cell)`` over the
+    units with a finite value; NaN where no such unit overlaps the cell."""
+    import shapely
+
+    values = np.asarray(values, dtype=np.float64)
+    units = np.asarray(units, dtype=object)
+    ok = np.isfinite(values)
+    units, values = units[ok], values[ok]
+    area = shapely.area(units) if len(units) else np.zeros(0)
+    # area_weighted_sum divides by the unit's area: weighting by it gives plain overlap areas
+    covered = area_weighted_sum(units, area, cells)
+    weighted = area_weighted_sum(units, values * area, cells)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(covered > 0, weighted / np.where(covered > 0, covered, 1.0), np.nan)
 
 
 def _cell_tiles(cells: Sequence, src, crs, max_window_px: int) -> list:

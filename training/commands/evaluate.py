@@ -12,8 +12,11 @@ DEFAULT_METHODS = "refound_ft,refound_feature,refound_scratch,refound_scratch_fe
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", required=True, help="downstream region dataset folder (refound build-dataset)")
     p.add_argument("--task", action="append", required=True,
-                   help="task to evaluate (repeatable): urban_village, population, commercial, or a label column with --task-kind")
-    p.add_argument("--task-kind", choices=["binary", "regression", "multiclass"], help="kind of custom tasks")
+                   help="task to evaluate (repeatable): urban_village, population, commercial, or any label column "
+                        "(refound add-label)")
+    p.add_argument("--task-kind", choices=["binary", "regression", "multiclass"],
+                   help="kind of custom tasks (default: the kind stored by `refound add-label`)")
+    p.add_argument("--num-classes", type=int, help="classes of a multiclass custom task (default: from the dataset)")
     p.add_argument("--log-target", choices=["yes", "no"],
                    help="train regressions on log1p(y) (default: yes for population/commercial); metrics stay in original units")
     p.add_argument("--checkpoint", help="pre-trained ReFound checkpoint (needed by the refound_* methods)")
@@ -54,7 +57,7 @@ def run(args) -> int:
     from training.device import resolve_device
     from training.finetune.evaluate import run_evaluation
     from training.finetune.methods import EvalContext
-    from training.finetune.tasks import get_task
+    from training.finetune.tasks import task_for_dataset
 
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     try:
@@ -65,7 +68,8 @@ def run(args) -> int:
         raise InputError(f"--warmup-epochs must be 0 or more, got {args.warmup_epochs}")
     ds = RegionDataset(args.data)
     log_target = None if args.log_target is None else args.log_target == "yes"
-    tasks = [get_task(t, kind=args.task_kind, log_target=log_target) for t in args.task]
+    tasks = [task_for_dataset(t, ds, kind=args.task_kind, log_target=log_target, num_classes=args.num_classes)
+             for t in args.task]
     ctx = EvalContext(dataset=ds, checkpoint=args.checkpoint, device=resolve_device(args.device), epochs=args.epochs,
                       batch_size=args.batch_size, lr=args.lr, warmup_epochs=args.warmup_epochs, cache_dir=args.cache_dir,
                       options={"fusion": args.fusion, "feature_epochs": args.feature_epochs})

@@ -9,11 +9,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", required=True, help="pre-trained checkpoint folder (refound pretrain / convert-paddle)")
     p.add_argument("--data", required=True, help="region dataset folder (refound build-dataset) with the label")
     p.add_argument("--task", required=True,
-                   help="urban_village, population, commercial, or a label column name together with --task-kind")
+                   help="urban_village, population, commercial, or any label column (refound add-label)")
     p.add_argument("--task-kind", choices=["binary", "regression", "multiclass"],
-                   help="kind of a custom task (label column named by --task or --label)")
+                   help="kind of a custom task (default: the kind stored by `refound add-label`)")
     p.add_argument("--label", help="label column of a custom task (default: the task name)")
-    p.add_argument("--num-classes", type=int, default=1, help="classes of a multiclass custom task")
+    p.add_argument("--num-classes", type=int, help="classes of a multiclass custom task (default: from the dataset)")
     p.add_argument("--log-target", choices=["yes", "no"], help="train a regression on log1p(y) (default: yes for population/commercial)")
     p.add_argument("--mode", choices=["finetune", "linear"], default="finetune",
                    help="finetune: whole model + head (paper A.2.2); linear: frozen backbone, head only (feature-based, A.2.3)")
@@ -38,18 +38,17 @@ def run(args) -> int:
     from training.finetune.methods import EvalContext, labels_of
     from training.finetune.metrics import task_metrics
     from training.finetune.refound_methods import ReFoundFT, ReFoundLinear
-    from training.finetune.tasks import get_task
+    from training.finetune.tasks import task_for_dataset
     from training.device import resolve_device
 
     if Path(args.out).exists():
         raise InputError(f"--out {args.out} already exists; choose a new folder (checkpoints are never overwritten)")
     log_target = None if args.log_target is None else args.log_target == "yes"
-    task = get_task(args.task, kind=args.task_kind, label=args.label, log_target=log_target)
-    if task.kind == "multiclass":
-        task = type(task)(**{**task.to_dict(), "num_classes": args.num_classes})
     if args.warmup_epochs < 0:
         raise InputError(f"--warmup-epochs must be 0 or more, got {args.warmup_epochs}")
     ds = RegionDataset(args.data)
+    task = task_for_dataset(args.task, ds, kind=args.task_kind, label=args.label, log_target=log_target,
+                            num_classes=args.num_classes)
     device = resolve_device(args.device)
     linear = args.mode == "linear"
     epochs = args.epochs or (40 if linear else 30)
@@ -73,7 +72,8 @@ def run(args) -> int:
     test = task_metrics(task.kind, y[split.test], result.test_pred)
     print(f"best epoch {result.best_epoch + 1}; test " + " ".join(f"{k} {v:.4f}" for k, v in test.items()))
     meta = {**task.to_dict(), "mode": args.mode, "fusion": fusion, "target_scaler": scaler.to_dict(),
-            "test_metrics": test, "best_epoch": result.best_epoch, "split_seed": args.seed}
+            "test_metrics": test, "best_epoch": result.best_epoch, "split_seed": args.seed,
+            "classes": ds.label_info.get(task.label, {}).get("classes")}
     prov = {"base_checkpoint": str(args.checkpoint), "base_provenance": loaded.provenance,
             "training_data": {"folder": str(ds.folder), "provenance": ds.meta.get("provenance")},
             "teachers": (loaded.provenance or {}).get("teachers")}

@@ -1,11 +1,13 @@
 """Downstream tasks: a task is a head kind + a label source (paper 5.1.2).
 
 The three built-in tasks are the paper's. A user adds another by naming a label column of the
-region dataset and a kind: ``TaskSpec.custom("green_share", "regression")``.
+region dataset and a kind: ``TaskSpec.custom("green_share", "regression")``; a column made by
+``refound add-label`` carries its kind (and class names), so its name alone is enough
+(:func:`task_for_dataset`).
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Optional
 
 import numpy as np
@@ -91,3 +93,23 @@ def get_task(name: str, kind: Optional[str] = None, label: Optional[str] = None,
         raise InputError(f"unknown task {name!r}: use one of {sorted(BUILTIN)} or give --task-kind "
                          "(binary/regression/multiclass) to train on a label column of that name")
     return TaskSpec.custom(label or name, kind, log_target=bool(log_target))
+
+
+def task_for_dataset(name: str, dataset, kind: Optional[str] = None, label: Optional[str] = None,
+                     log_target: Optional[bool] = None, num_classes: Optional[int] = None) -> TaskSpec:
+    """:func:`get_task`, completed from the dataset: the kind and classes that ``refound add-label``
+    stored with a label, and for a multiclass task without them, the classes seen in the column."""
+    info = dataset.label_info.get(label or name, {})
+    if kind is None and ALIASES.get(name, name) not in BUILTIN:
+        kind = info.get("kind")
+    spec = get_task(name, kind=kind, label=label, log_target=log_target)
+    if spec.kind != "multiclass":
+        return spec
+    n = num_classes or (len(info["classes"]) if info.get("classes") else None)
+    if n is None:
+        y = np.asarray(dataset.labels.get(spec.label, []), dtype=np.float64)
+        y = y[np.isfinite(y)]
+        n = int(y.max()) + 1 if y.size else 0
+    if n < 2:
+        raise InputError(f"multiclass task {spec.name!r} needs at least 2 classes; give --num-classes")
+    return replace(spec, num_classes=n)
