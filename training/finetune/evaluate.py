@@ -77,9 +77,11 @@ class RunJournal:
                 except (ValueError, KeyError, TypeError):
                     continue
 
-    def key(self, task: TaskSpec, fraction: float, method: str, run: int) -> str:
+    def key(self, task: TaskSpec, labels: np.ndarray, fraction: float, method: str, run: int) -> str:
+        """``labels`` (the task's column) count too: a label replaced by `add-label --overwrite` is new work."""
         blob = json.dumps({**self.settings, "task": task.to_dict(), "fraction": fraction, "method": method,
-                           "run": run}, sort_keys=True, default=str)
+                           "run": run, "labels": hashlib.sha256(np.ascontiguousarray(labels, np.float64)).hexdigest()},
+                          sort_keys=True, default=str)
         return hashlib.sha256(blob.encode()).hexdigest()[:20]
 
     def get(self, key: str) -> Optional[dict]:
@@ -142,7 +144,7 @@ def run_evaluation(ctx: EvalContext, tasks: Sequence[TaskSpec], methods: Sequenc
                 method = REGISTRY[m](ctx)
                 rows = []
                 for r in range(runs):
-                    key = journal.key(task, frac, m, r)
+                    key = journal.key(task, y, frac, m, r)
                     row = journal.get(key)
                     if row is not None:
                         reused += 1
