@@ -242,6 +242,9 @@ class _Handler(BaseHTTPRequestHandler):
             except ValueError:
                 pass
             return
+        # the cancel generation at arrival: a /cancel that comes while this request's body is still
+        # being read or decoded (a slow link, a loaded machine) cancels it too
+        self._arrival_generation = self.server.generation()
         routes = {"/predict": self._predict, "/embed": self._embed, "/cancel": self._cancel}
         handler = routes.get(self.path)
         if handler is None:
@@ -276,7 +279,7 @@ class _Handler(BaseHTTPRequestHandler):
     def _run_model(self, fn):
         from refound_core.inference.predictor import AnalysisCanceled
 
-        gen = self.server.generation()
+        gen = self._arrival_generation
         is_canceled = self.server.canceler(gen)
         with self.server.model_lock:
             if self.server.generation() != gen:
