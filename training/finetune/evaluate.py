@@ -129,6 +129,7 @@ def run_evaluation(ctx: EvalContext, tasks: Sequence[TaskSpec], methods: Sequenc
         "options": {k: v for k, v in ctx.options.items() if isinstance(v, (str, int, float, bool, type(None)))},
         "seed": seed, "negative_ratio": negative_ratio})
     report["warmup_epochs"] = ctx.warmup_epochs
+    report["feature_epochs"] = ctx.options.get("feature_epochs", 40)
     splits = {}
     reused = 0
     for task in tasks:
@@ -205,8 +206,7 @@ def markdown_report(report: dict) -> str:
              f"- {provenance_line(report)}",
              f"- checkpoint: `{report['checkpoint']}`",
              f"- protocol: random thirds (seed {report['seed']}), best epoch on validation, test metrics, "
-             f"{report['runs']} runs (mean ± std), fine-tuning epochs {report['epochs']} "
-             f"(warm-up {report.get('warmup_epochs', 3)})", ""]
+             f"{report['runs']} runs (mean ± std), {_budget(report)}", ""]
     for tname, trep in report["tasks"].items():
         kind = trep["spec"]["kind"]
         keys = METRIC_ORDER[kind]
@@ -225,6 +225,17 @@ def markdown_report(report: dict) -> str:
     for m, d in report["methods"].items():
         lines.append(f"- `{m}` ({d['mode']}): {d['stands_in_for']}")
     return "\n".join(lines) + "\n"
+
+
+def _budget(report: dict) -> str:
+    """The epochs that applied to the methods of this report (fine-tuning and/or frozen-feature heads)."""
+    modes = {d["mode"] for d in report["methods"].values()}
+    parts = []
+    if modes - {"feature-based"}:
+        parts.append(f"fine-tuning epochs {report['epochs']}")
+    if "feature-based" in modes:
+        parts.append(f"feature-based head epochs {report.get('feature_epochs', 40)}")
+    return ", ".join(parts) + f" (warm-up {report.get('warmup_epochs', 3)})"
 
 
 def plot_data_scale(report: dict, path: Path) -> None:
