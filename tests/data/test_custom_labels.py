@@ -146,6 +146,13 @@ def test_add_label_command_then_evaluate_uses_the_stored_kind(dataset, tmp_path,
     rep = json.loads((out / "results.json").read_text())
     assert rep["tasks"]["era"]["spec"]["kind"] == "multiclass"
     assert "accuracy" in rep["tasks"]["era"]["results"]["1.0"]["refound_scratch_feature"]["summary"]
+    # and a fine-tuned head for it keeps the class names, for maps and legends
+    from refound_core.model.checkpoint import load_checkpoint
+
+    assert main(["finetune", "--checkpoint", str(tmp_path / "ckpt"), "--data", str(dataset.folder), "--task", "era",
+                 "--mode", "linear", "--epochs", "2", "--device", "cpu", "--out", str(tmp_path / "era_head")]) == 0
+    loaded = load_checkpoint(tmp_path / "era_head")
+    assert loaded.task["classes"] == ["future", "new", "old"] and loaded.task["num_classes"] == 3
 
 
 def _checkpoint(tmp_path, ds):
