@@ -162,7 +162,8 @@ def memory_layer(cells: Sequence, crs_authid: str, title: str, embeddings: bool 
     return layer
 
 
-def write_geopackage(layer: QgsVectorLayer, path: str, task: str = "", kind: Optional[str] = None) -> QgsVectorLayer:
+def write_geopackage(layer: QgsVectorLayer, path: str, task: str = "", kind: Optional[str] = None,
+                     classes: Optional[list] = None) -> QgsVectorLayer:
     """Write ``layer`` to a GeoPackage atomically (temp file in the same folder, then os.replace),
     with the task's style stored as the file's default (``layer_styles``), and return the layer
     read back from the file.
@@ -191,7 +192,7 @@ def write_geopackage(layer: QgsVectorLayer, path: str, task: str = "", kind: Opt
             raise InputError(tr("Writing {path} failed: {msg}").format(path=path, msg=msg))
         if task:
             written = QgsVectorLayer(f"{tmp}|layername={CELLS_LAYER}", layer.name(), "ogr")
-            apply_style(written, task, kind)
+            apply_style(written, task, kind, classes)
             written.saveStyleToDatabase(layer.name(), "ReFound default style", True, "")
             del written
         os.replace(tmp, path)
@@ -205,13 +206,15 @@ def write_geopackage(layer: QgsVectorLayer, path: str, task: str = "", kind: Opt
     return out
 
 
-def apply_style(layer: QgsVectorLayer, task: str, kind: Optional[str] = None) -> None:
-    """Style a result layer with the core QML for ``task`` (values read from the layer)."""
+def apply_style(layer: QgsVectorLayer, task: str, kind: Optional[str] = None, classes: Optional[list] = None) -> None:
+    """Style a result layer with the core QML for ``task`` (values read from the layer; ``classes``
+    names the categories of a multiclass head)."""
     idx = layer.fields().indexOf(PREDICTION)
     values = [f.attribute(idx) for f in layer.getFeatures()]
     values = [v for v in (_number(x) for x in values) if v is not None]
     style_task = "commercial" if task == "embedding" else task
-    qml = styles.qml_for_task(style_task, values, kind=kind or ("regression" if task == "embedding" else None))
+    qml = styles.qml_for_task(style_task, values, kind=kind or ("regression" if task == "embedding" else None),
+                              classes=classes)
     doc = QDomDocument()
     ok = doc.setContent(qml)
     if not (ok[0] if isinstance(ok, tuple) else ok):
@@ -256,15 +259,15 @@ def add_to_project(layer: QgsVectorLayer, input_layer_ids: Sequence[str] = (), p
 def build_result_layer(cells: Sequence, crs_authid: str, task: str, model_name: str,
                        output_path: str = "", checkpoint: str = "", inputs: Optional[dict] = None,
                        kind: Optional[str] = None, backend: str = "",
-                       when: Optional[_dt.datetime] = None) -> QgsVectorLayer:
+                       when: Optional[_dt.datetime] = None, classes: Optional[list] = None) -> QgsVectorLayer:
     """The styled result layer (memory, or GeoPackage when ``output_path`` is set); not yet in the project."""
     when = when or _dt.datetime.now()
     title = layer_title(task, model_name, when)
     layer = memory_layer(cells, crs_authid, title, embeddings=(task == "embedding"))
     if output_path:
         # The style is stored inside the GeoPackage too, so the file opens styled elsewhere.
-        layer = write_geopackage(layer, output_path, task, kind)
-    apply_style(layer, task, kind)
+        layer = write_geopackage(layer, output_path, task, kind, classes)
+    apply_style(layer, task, kind, classes)
     set_provenance(layer, task, model_name, checkpoint, inputs or {}, when, backend)
     return layer
 

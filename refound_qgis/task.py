@@ -88,6 +88,7 @@ class AnalysisOutcome:
     checkpoint: str
     backend: str
     kind: Optional[str] = None
+    classes: Optional[list] = None  # class names of a multiclass head (legend of the style)
     cells: list = field(default_factory=list)
     summary: str = ""
     notices: list = field(default_factory=list)
@@ -211,16 +212,19 @@ def execute(params: AnalysisParams, progress: Callable[[float], None] = lambda f
     chip = int((meta.get("model") or {}).get("image_size") or 0)
     model_name = model_name_of(meta) if meta else ""
     head_kind = (meta.get("head") or {}).get("kind")
+    classes = (meta.get("task") or {}).get("classes")
     if runner is not None:  # a backend: its /info describes the model it serves
         info = runner.check()
         chip = chip or int(info.get("image_size") or 256)
         model_name = model_name or str(info.get("model") or "refound")
         head_kind = head_kind or info.get("kind")
+        classes = classes or info.get("classes")
     if is_canceled():
         raise Canceled()
     outcome = AnalysisOutcome(task=params.task, crs_authid=plan.crs_authid, n_cells=len(plan), model_name=model_name,
                               checkpoint=checkpoint or params.backend_url, backend=kind_,
-                              kind=head_kind or ("binary" if params.task == "urban_village" else "regression"))
+                              kind=head_kind or ("binary" if params.task == "urban_village" else "regression"),
+                              classes=classes)
     # POIs are read once (one spatial request); imagery and the model go block by block of cells,
     # so memory stays bounded by one block of chips whatever the extent.
     binned = layer_io.read_pois(params.pois, plan, ctx, is_canceled)
@@ -269,7 +273,8 @@ def materialize_outcome(params: AnalysisParams, outcome: AnalysisOutcome) -> Qgs
     inputs[tr("cell size")] = f"{params.cell_size:g} m ({outcome.crs_authid})"
     return results.build_result_layer(outcome.cells, outcome.crs_authid, params.task, outcome.model_name,
                                       output_path=params.output_path, checkpoint=outcome.checkpoint, inputs=inputs,
-                                      kind=outcome.kind, backend=outcome.backend, when=when)
+                                      kind=outcome.kind, backend=outcome.backend, when=when,
+                                      classes=outcome.classes)
 
 
 # ------------------------------------------------------------------------------------ QgsTask

@@ -349,7 +349,8 @@ def run_analysis(request: AnalysisRequest, progress: Optional[Callable] = None,
             writer = GeoParquetWriter(target, crs, predictor.config.hidden_size, tuple(request.embeddings), provenance)
             stream = predictor.embed_samples(sample_iter, progress=None, is_canceled=is_canceled)
         else:
-            writer = GeoPackageWriter(target, crs, task, kind=predictor.kind, provenance=provenance)
+            writer = GeoPackageWriter(target, crs, task, kind=predictor.kind, provenance=provenance,
+                                      classes=predictor.classes)
             stream = predictor.predict_samples(sample_iter, task=task, progress=None, is_canceled=is_canceled)
 
         with writer:
@@ -429,7 +430,8 @@ def _merge_parts(out: Path, world: int, rank: int, embed: bool, crs, task, predi
             if embed:
                 w = GeoParquetWriter(out, crs, predictor.config.hidden_size, tuple(request.embeddings), provenance)
             else:
-                w = GeoPackageWriter(out, crs, task, kind=predictor.kind, provenance=provenance)
+                w = GeoPackageWriter(out, crs, task, kind=predictor.kind, provenance=provenance,
+                                     classes=predictor.classes)
             with w:
                 for p in parts:
                     w.append_part(p)

@@ -154,6 +154,11 @@ class Predictor:
     def kind(self) -> Optional[str]:
         return self.head.kind if self.head is not None else None
 
+    @property
+    def classes(self) -> Optional[list]:
+        """Class names of a multiclass head (``refound add-label --stat majority`` labels), or None."""
+        return self.task_meta.get("classes") if self.kind == "multiclass" else None
+
     def describe(self) -> dict:
         """Model, head, device and precision, for logs, /info and output provenance."""
         import torch
@@ -169,6 +174,7 @@ class Predictor:
             "image_size": self.config.image_size,
             "task": self.task,
             "kind": self.kind,
+            "classes": self.classes,
             "head": self.head.spec() if self.head is not None else None,
             "device": str(self.device),
             "device_name": torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu",

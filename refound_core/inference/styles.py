@@ -12,6 +12,9 @@ Styles (one rule-based renderer each, so insufficient cells get their own hatche
 * regressions (``population``, ``commercial``, paper 5.1.2 POP/CAP): a graduated colour ramp over
   quantile class breaks of the predicted values (QGIS's "equal count" mode, robust to the heavy
   right tail of population counts).
+* multiclass (a user's own task, e.g. land use from ``refound add-label --stat majority``): one
+  colour per class (a qualitative palette) on the predicted class index, labelled with the class
+  names the checkpoint stores.
 * every style: cells flagged ``sufficient = 0`` (no POIs and no imagery; not predicted) are drawn
   with a transparent, grey-hatched fill so gaps in the input data stay visible.
 """
@@ -30,6 +33,11 @@ SUFFICIENT_FIELD = "sufficient"
 PROBABILITY_RAMP = ((44, 123, 182), (171, 217, 233), (253, 174, 97), (215, 25, 28))
 VIRIDIS = ((68, 1, 84), (59, 82, 139), (33, 145, 140), (94, 201, 98), (253, 231, 37))
 YLORRD = ((255, 255, 178), (254, 204, 92), (253, 141, 60), (240, 59, 32), (189, 0, 38))
+# Qualitative (ColorBrewer Set3 + Dark2): distinguishable classes, none of them the hatch grey.
+QUALITATIVE = ((141, 211, 199), (255, 255, 179), (190, 186, 218), (251, 128, 114), (128, 177, 211),
+               (253, 180, 98), (179, 222, 105), (252, 205, 229), (188, 128, 189), (204, 235, 197),
+               (255, 237, 111), (27, 158, 119), (217, 95, 2), (117, 112, 179), (231, 41, 138),
+               (102, 166, 30), (230, 171, 2), (166, 118, 29))
 HATCH_COLOUR = (120, 120, 120)
 FILL_ALPHA = 210  # slightly see-through so the basemap shows under the cells
 
@@ -169,14 +177,33 @@ def graduated_qml(breaks: Sequence[float], task: str = "population", field: str 
     return _document(rules + [(flt, label)], symbols + [sym], TASK_TITLES.get(task, task))
 
 
+def categorical_qml(classes: Sequence[str], task: str = "classes", field: str = PREDICTION_FIELD) -> str:
+    """Multiclass output (the predicted class index): one colour and one legend entry per class;
+    palette colours repeat after 18 classes."""
+    if not classes:
+        raise ValueError("a categorical style needs at least one class")
+    q, s = _quoted(field), _quoted(SUFFICIENT_FIELD)
+    rules = [(f"{s} AND {q} = {i}", str(name)) for i, name in enumerate(classes)]
+    symbols = [_fill_symbol(str(i), _rgba(QUALITATIVE[i % len(QUALITATIVE)])) for i in range(len(classes))]
+    (flt, label), sym = _insufficient_rule(len(rules))
+    return _document(rules + [(flt, label)], symbols + [sym], TASK_TITLES.get(task, task))
+
+
 def qml_for_task(task: str, values: Iterable[float] = (), kind: str | None = None,
-                 field: str = PREDICTION_FIELD) -> str:
+                 field: str = PREDICTION_FIELD, classes: Sequence[str] | None = None) -> str:
     """The default style of a task's prediction layer.
 
-    ``kind`` (``"binary"``/``"regression"``) overrides the guess from the task name, so a head
-    trained by the user on their own polygons gets the right style too.
+    ``kind`` (``"binary"``/``"regression"``/``"multiclass"``) overrides the guess from the task
+    name, so a head trained by the user on their own labels gets the right style too. A
+    multiclass style names its classes by ``classes`` (stored in the checkpoint by ``refound
+    finetune``), else ``class 0``, ``class 1``, ... up to the largest predicted index.
     """
     kind = kind or ("binary" if task == "urban_village" else "regression")
     if kind == "binary":
         return probability_qml(field)
+    if kind == "multiclass":
+        if not classes:
+            top = max((int(v) for v in values if math.isfinite(float(v))), default=0)
+            classes = [f"class {i}" for i in range(top + 1)]
+        return categorical_qml(classes, task, field)
     return graduated_qml(quantile_breaks(values), task, field)

@@ -115,17 +115,19 @@ class GeoPackageWriter(_ChunkedRows):
         path: target ``.gpkg``.
         crs: the cells' CRS (``"EPSG:32650"``).
         task: task name (``urban_village``, ``population``, ``commercial`` or a user head's name).
-        kind: ``binary`` or ``regression`` (picks the style; default from the task name).
+        kind: ``binary``, ``regression`` or ``multiclass`` (picks the style; default from the task name).
+        classes: class names of a multiclass head (legend of the style; ``prediction`` = index).
         provenance: extra ``{key: value}`` stored in the layer metadata (model, checkpoint ...).
         chunk_size: rows per write call.
         layer: layer name inside the GeoPackage.
     """
 
     def __init__(self, path, crs: str, task: str, kind: Optional[str] = None, provenance: Optional[dict] = None,
-                 chunk_size: int = 4096, layer: str = CELLS_LAYER):
+                 chunk_size: int = 4096, layer: str = CELLS_LAYER, classes: Optional[list] = None):
         super().__init__(_prepare_target(path, (".gpkg",), "prediction"))
         self.crs, self.task, self.layer = crs, task, layer
         self.kind = kind or ("binary" if task == "urban_village" else "regression")
+        self.classes = list(classes) if classes else None
         self.provenance = {k: ("" if v is None else str(v)) for k, v in (provenance or {}).items()}
         self.chunk_size = int(chunk_size)
         self._rows: list = []
@@ -212,12 +214,13 @@ class GeoPackageWriter(_ChunkedRows):
         return f"ReFound {title} ({model}), {_dt.date.today().isoformat()}"
 
     def _metadata(self) -> dict:
-        return {"refound_task": self.task, "refound_kind": self.kind,
+        extra = {"refound_classes": json.dumps(self.classes)} if self.classes else {}
+        return {"refound_task": self.task, "refound_kind": self.kind, **extra,
                 "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
                 **{f"refound_{k}": v for k, v in self.provenance.items()}}
 
     def qml(self) -> str:
-        return styles.qml_for_task(self.task, self._reservoir, kind=self.kind)
+        return styles.qml_for_task(self.task, self._reservoir, kind=self.kind, classes=self.classes)
 
     def _write_style(self) -> None:
         import pandas as pd

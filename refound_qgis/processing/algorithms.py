@@ -68,15 +68,15 @@ def _keep(pp):
 class ResultStyler(QgsProcessingLayerPostProcessorInterface):
     """Styles a loaded result layer (task ramp, hatched insufficient cells) and names it."""
 
-    def __init__(self, task: str, kind, title: str, model_name: str, checkpoint: str, inputs: dict):
+    def __init__(self, task: str, kind, title: str, model_name: str, checkpoint: str, inputs: dict, classes=None):
         super().__init__()
-        self.task, self.kind, self.title = task, kind, title
+        self.task, self.kind, self.title, self.classes = task, kind, title, classes
         self.model_name, self.checkpoint, self.inputs = model_name, checkpoint, inputs
 
     def postProcessLayer(self, layer, context, feedback):  # noqa: N802 - QGIS's name
         if not isinstance(layer, QgsVectorLayer):
             return
-        results.apply_style(layer, self.task, self.kind)
+        results.apply_style(layer, self.task, self.kind, self.classes)
         layer.setName(self.title)
         results.set_provenance(layer, self.task, self.model_name, self.checkpoint, self.inputs)
 
@@ -278,10 +278,10 @@ class _PredictBase(RefoundAlgorithm):
         when = _dt.datetime.now()
         title = results.layer_title(self.TASK, outcome.model_name, when)
         styler = _keep(ResultStyler(self.TASK, outcome.kind, title, outcome.model_name, outcome.checkpoint,
-                                    params.input_names))
+                                    params.input_names, outcome.classes))
         if context.willLoadLayerOnCompletion(dest_id):
             context.layerToLoadOnCompletionDetails(dest_id).setPostProcessor(styler)
-        _style_file_output(dest_id, self.TASK, outcome.kind, title, feedback)
+        _style_file_output(dest_id, self.TASK, outcome.kind, title, feedback, outcome.classes)
         feedback.pushInfo(outcome.summary or tr("{n} cells").format(n=outcome.n_cells))
         for note in outcome.notices:
             feedback.pushInfo(note)
@@ -296,7 +296,7 @@ def _plain(v):
     return v
 
 
-def _style_file_output(dest_id: str, task: str, kind, title: str, feedback) -> None:
+def _style_file_output(dest_id: str, task: str, kind, title: str, feedback, classes=None) -> None:
     """Store the style inside a GeoPackage output so the file opens styled (qgis_process runs)."""
     path = dest_id.split("|")[0]
     if not path.lower().endswith(".gpkg") or not os.path.isfile(path):
@@ -305,7 +305,7 @@ def _style_file_output(dest_id: str, task: str, kind, title: str, feedback) -> N
     if not layer.isValid():
         return
     try:
-        results.apply_style(layer, task, kind)
+        results.apply_style(layer, task, kind, classes)
         layer.saveStyleToDatabase(title, "ReFound default style", True, "")
     except Exception as exc:  # noqa: BLE001 - a style is a nicety; the data is written
         feedback.reportError(tr("The style could not be stored in {p}: {e}").format(p=path, e=exc))

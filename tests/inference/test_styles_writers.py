@@ -148,3 +148,54 @@ def test_qgis_opens_the_geopackage_styled(tmp_path, task):
     for _, cell_id, suff, nsyms, style in feats:
         assert nsyms == "1", f"{cell_id} is drawn by {nsyms} rules"  # every cell exactly one class
         assert (style == "b_diagonal") == (suff == "False")
+
+
+def test_multiclass_style_has_one_named_rule_per_class():
+    qml = styles.qml_for_task("land_use", [0, 2, 1], kind="multiclass", classes=["park", "water", "old town"])
+    rules = ET.fromstring(qml.split("\n", 1)[1]).find("renderer-v2").find("rules").findall("rule")
+    assert [r.get("label") for r in rules[:3]] == ["park", "water", "old town"]
+    assert rules[2].get("filter") == '"sufficient" AND "prediction" = 2'
+    assert rules[-1].get("filter") == 'NOT "sufficient"'
+    # without names (an old checkpoint): classes up to the largest predicted index
+    unnamed = styles.qml_for_task("land_use", [0.0, 3.0, float("nan")], kind="multiclass")
+    labels = [r.get("label") for r in ET.fromstring(unnamed.split("\n", 1)[1]).iter("rule")]
+    assert labels[:4] == ["class 0", "class 1", "class 2", "class 3"] and len(labels) == 5
+
+
+QGIS_LEGEND_CHECK = r"""
+import sys
+from qgis.core import QgsApplication, QgsVectorLayer, QgsRenderContext, QgsExpressionContextUtils
+app = QgsApplication([], False)
+app.initQgis()
+layer = QgsVectorLayer(sys.argv[1] + "|layername=cells", "cells", "ogr")
+assert layer.isValid(), "layer not valid"
+r = layer.renderer()
+labels = {item.ruleKey(): item.label() for item in r.legendSymbolItems()}
+ctx = QgsRenderContext()
+ctx.expressionContext().appendScopes(QgsExpressionContextUtils.globalProjectLayerScopes(layer))
+r.startRender(ctx, layer.fields())
+for f in layer.getFeatures():
+    ctx.expressionContext().setFeature(f)
+    keys = sorted(r.legendKeysForFeature(f, ctx))
+    print("feature", f["prediction"], "|".join(labels[k] for k in keys if k in labels))  # not the root rule
+r.stopRender(ctx)
+del r, layer
+app.exitQgis()
+"""
+
+
+@pytest.mark.qgis
+def test_qgis_draws_a_multiclass_geopackage_with_the_class_names(tmp_path):
+    pytest.importorskip("qgis.core", reason="QGIS Python bindings are not installed")
+    classes = ["park", "water", "old town"]
+    rows = [CellResult(f"EPSG:32650/256/{i}_0", (256.0 * i, 0.0, 256.0 * (i + 1), 256.0), "EPSG:32650",
+                       float(i % 3), sufficient=True) for i in range(6)]
+    with GeoPackageWriter(tmp_path / "lu.gpkg", "EPSG:32650", "land_use", kind="multiclass", classes=classes) as w:
+        w.write_many(rows)
+    env = dict(os.environ, QT_QPA_PLATFORM="offscreen", XDG_RUNTIME_DIR=str(tmp_path))
+    res = subprocess.run([sys.executable, "-c", QGIS_LEGEND_CHECK, str(tmp_path / "lu.gpkg")], capture_output=True,
+                         text=True, env=env, timeout=120)
+    feats = [ln.split(" ", 2) for ln in res.stdout.splitlines() if ln.startswith("feature")]
+    assert len(feats) == 6, res.stdout + res.stderr[-2000:]
+    for _, pred, label in feats:
+        assert label == classes[int(float(pred))]  # exactly one rule, named after the predicted class
