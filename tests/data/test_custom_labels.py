@@ -153,6 +153,12 @@ def test_add_label_command_then_evaluate_uses_the_stored_kind(dataset, tmp_path,
                  "--mode", "linear", "--epochs", "2", "--device", "cpu", "--out", str(tmp_path / "era_head")]) == 0
     loaded = load_checkpoint(tmp_path / "era_head")
     assert loaded.task["classes"] == ["future", "new", "old"] and loaded.task["num_classes"] == 3
+    from refound_core.inference.predictor import Predictor
+
+    predictor = Predictor(tmp_path / "era_head", device="cpu")
+    assert predictor.kind == "multiclass" and predictor.describe()["classes"] == ["future", "new", "old"]
+    preds = list(predictor.predict_samples([ds[i] for i in range(4)]))
+    assert all(p.value in (0.0, 1.0, 2.0) and len(p.values) == 3 for p in preds)
 
 
 def _checkpoint(tmp_path, ds):
