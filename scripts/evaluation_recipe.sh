@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The synthetic-city evaluation of docs/EVALUATION.md, command by command.
 #   bash scripts/evaluation_recipe.sh            # CPU recipe: refound_small (2 cores: about 45 minutes up to
-#                                                # the feature-based tables, then ~100 minutes of fine-tuning)
-#   ABLATE=1 bash scripts/evaluation_recipe.sh   # ... plus the ablation study (8 pre-trainings, ~40 minutes more)
+#                                                # the feature-based tables, then about 2 hours of fine-tuning)
+#   ABLATE=1 bash scripts/evaluation_recipe.sh   # ... plus the ablation study (8 short pre-trainings, ~20 minutes)
 #   PRESET=base STEPS=20000 BATCH=80 FT_EPOCHS=30 FT_WARMUP=3 ABL_STEPS=20000 bash scripts/evaluation_recipe.sh  # GPU
 # Every step skips work whose output already exists (evaluate and ablate reuse finished runs), so a
 # killed run continues.
