@@ -3,12 +3,7 @@
 A task is a head + a label source (paper 5.1.2 builds its three labels this way); this command
 makes the label source, then ``refound evaluate --task NAME`` / ``refound finetune --task NAME``
 train on it (its kind is stored with the label). Aggregation rules:
-refound_core/data/custom_labels.py and docs/DATA-FORMAT.md.
-
-    refound add-label --data DS --name night_light --source viirs.tif                  # raster mean
-    refound add-label --data DS --name jobs --source jobs.gpkg --field jobs            # area-weighted sum
-    refound add-label --data DS --name land_use --source landuse.gpkg --field class    # majority class
-    refound add-label --data DS --name green --source parks.gpkg --threshold 0.3       # binary: >30 % park
+refound_core/data/custom_labels.py and docs/DATA-FORMAT.md; examples in ``EXAMPLES`` (--help).
 """
 from __future__ import annotations
 
@@ -17,7 +12,17 @@ import argparse
 from refound_core.data.custom_labels import STATS
 
 
+EXAMPLES = """examples:
+  refound add-label --data DS --name night_light --source viirs.tif                  # raster mean
+  refound add-label --data DS --name jobs --source jobs.gpkg --field jobs            # area-weighted sum
+  refound add-label --data DS --name land_use --source landuse.gpkg --field class    # majority class
+  refound add-label --data DS --name green --source parks.gpkg --threshold 0.3       # binary: > 30 % park
+then: refound evaluate --data DS --task NAME ... (the kind is stored with the label)"""
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.epilog = EXAMPLES
+    p.formatter_class = argparse.RawDescriptionHelpFormatter
     p.add_argument("--data", required=True, help="region dataset folder (refound build-dataset) to add the label to")
     p.add_argument("--name", required=True, help="label (and task) name, e.g. night_light")
     p.add_argument("--source", required=True,
