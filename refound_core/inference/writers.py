@@ -137,7 +137,6 @@ class GeoPackageWriter(_ChunkedRows):
         self._created = False
 
     # -- rows ---------------------------------------------------------------------------------
-
     def _track(self, v: float) -> None:
         if not math.isfinite(v):
             return
@@ -290,7 +289,6 @@ class GeoParquetWriter(_ChunkedRows):
         meta = {b"geo": json.dumps(geo).encode("utf-8"),
                 b"refound": json.dumps({k: str(v) for k, v in self.provenance.items()}).encode("utf-8")}
         return pa.schema(fields, metadata=meta)
-
 
     def _flush(self) -> None:
         if not self._rows and self._writer is not None:

@@ -117,6 +117,7 @@ layer = QgsVectorLayer(sys.argv[1] + "|layername=cells", "cells", "ogr")
 assert layer.isValid(), "layer not valid"
 r = layer.renderer()
 print("renderer", r.type())
+labels = {item.ruleKey(): item.label() for item in r.legendSymbolItems()}
 ctx = QgsRenderContext()
 ctx.expressionContext().appendScopes(QgsExpressionContextUtils.globalProjectLayerScopes(layer))
 r.startRender(ctx, layer.fields())
@@ -124,11 +125,23 @@ for f in layer.getFeatures():
     ctx.expressionContext().setFeature(f)
     syms = r.symbolsForFeature(f, ctx)
     style = syms[0].symbolLayer(0).properties()["style"] if len(syms) == 1 else None
-    print("feature", f["cell_id"], bool(f["sufficient"]), len(syms), style)
+    legend = "|".join(labels[k] for k in sorted(r.legendKeysForFeature(f, ctx)) if k in labels)  # not the root
+    print("feature", f["cell_id"], bool(f["sufficient"]), len(syms), style, legend)
 r.stopRender(ctx)
 del r, layer
 app.exitQgis()
 """
+
+
+def _qgis_draws(gpkg: Path, tmp_path: Path) -> tuple:
+    """How QGIS's own renderer draws each cell of ``gpkg``: ``(stdout lines, [(cell_id, sufficient,
+    number of rules, fill style, legend label)])``."""
+    env = dict(os.environ, QT_QPA_PLATFORM="offscreen", XDG_RUNTIME_DIR=str(tmp_path))
+    res = subprocess.run([sys.executable, "-c", QGIS_CHECK, str(gpkg)], capture_output=True, text=True, env=env,
+                         timeout=120)
+    lines = res.stdout.splitlines()
+    assert any(ln.startswith("renderer") for ln in lines), res.stdout + res.stderr[-2000:]
+    return lines, [tuple(ln.split(" ", 5)[1:]) for ln in lines if ln.startswith("feature")]
 
 
 @pytest.mark.qgis
@@ -138,14 +151,10 @@ def test_qgis_opens_the_geopackage_styled(tmp_path, task):
     rows = _cells(20, task=task)
     with GeoPackageWriter(tmp_path / "cells.gpkg", "EPSG:32650", task) as w:
         w.write_many(rows)
-    env = dict(os.environ, QT_QPA_PLATFORM="offscreen", XDG_RUNTIME_DIR=str(tmp_path))
-    res = subprocess.run([sys.executable, "-c", QGIS_CHECK, str(tmp_path / "cells.gpkg")], capture_output=True,
-                         text=True, env=env, timeout=120)
-    lines = res.stdout.splitlines()
-    assert "renderer RuleRenderer" in lines, res.stdout + res.stderr[-2000:]
-    feats = [ln.split() for ln in lines if ln.startswith("feature")]
+    lines, feats = _qgis_draws(tmp_path / "cells.gpkg", tmp_path)
+    assert "renderer RuleRenderer" in lines
     assert len(feats) == len(rows)
-    for _, cell_id, suff, nsyms, style in feats:
+    for cell_id, suff, nsyms, style, _ in feats:
         assert nsyms == "1", f"{cell_id} is drawn by {nsyms} rules"  # every cell exactly one class
         assert (style == "b_diagonal") == (suff == "False")
 
@@ -162,28 +171,6 @@ def test_multiclass_style_has_one_named_rule_per_class():
     assert labels[:4] == ["class 0", "class 1", "class 2", "class 3"] and len(labels) == 5
 
 
-QGIS_LEGEND_CHECK = r"""
-import sys
-from qgis.core import QgsApplication, QgsVectorLayer, QgsRenderContext, QgsExpressionContextUtils
-app = QgsApplication([], False)
-app.initQgis()
-layer = QgsVectorLayer(sys.argv[1] + "|layername=cells", "cells", "ogr")
-assert layer.isValid(), "layer not valid"
-r = layer.renderer()
-labels = {item.ruleKey(): item.label() for item in r.legendSymbolItems()}
-ctx = QgsRenderContext()
-ctx.expressionContext().appendScopes(QgsExpressionContextUtils.globalProjectLayerScopes(layer))
-r.startRender(ctx, layer.fields())
-for f in layer.getFeatures():
-    ctx.expressionContext().setFeature(f)
-    keys = sorted(r.legendKeysForFeature(f, ctx))
-    print("feature", f["prediction"], "|".join(labels[k] for k in keys if k in labels))  # not the root rule
-r.stopRender(ctx)
-del r, layer
-app.exitQgis()
-"""
-
-
 @pytest.mark.qgis
 def test_qgis_draws_a_multiclass_geopackage_with_the_class_names(tmp_path):
     pytest.importorskip("qgis.core", reason="QGIS Python bindings are not installed")
@@ -192,10 +179,8 @@ def test_qgis_draws_a_multiclass_geopackage_with_the_class_names(tmp_path):
                        float(i % 3), sufficient=True) for i in range(6)]
     with GeoPackageWriter(tmp_path / "lu.gpkg", "EPSG:32650", "land_use", kind="multiclass", classes=classes) as w:
         w.write_many(rows)
-    env = dict(os.environ, QT_QPA_PLATFORM="offscreen", XDG_RUNTIME_DIR=str(tmp_path))
-    res = subprocess.run([sys.executable, "-c", QGIS_LEGEND_CHECK, str(tmp_path / "lu.gpkg")], capture_output=True,
-                         text=True, env=env, timeout=120)
-    feats = [ln.split(" ", 2) for ln in res.stdout.splitlines() if ln.startswith("feature")]
-    assert len(feats) == 6, res.stdout + res.stderr[-2000:]
-    for _, pred, label in feats:
-        assert label == classes[int(float(pred))]  # exactly one rule, named after the predicted class
+    _, feats = _qgis_draws(tmp_path / "lu.gpkg", tmp_path)
+    assert len(feats) == 6
+    predicted = {r.cell_id: int(r.value) for r in rows}
+    for cell_id, _, nsyms, _, label in feats:
+        assert nsyms == "1" and label == classes[predicted[cell_id]]  # one rule, named after the predicted class
