@@ -140,6 +140,23 @@ def save_checkpoint(path, model: ReFound, head: Optional[TaskHead] = None, *, ta
     return path
 
 
+def checkpoint_identity(path) -> str:
+    """A short stable id of a checkpoint's weights (size and modification time of its config and
+    weight files), for caches and run journals that must notice a re-written checkpoint. A missing
+    file counts as such, so an id is defined for any path."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name in (CONFIG_FILE, MODEL_FILE):
+        f = Path(path) / name
+        if f.exists():
+            st = f.stat()
+            h.update(f"{name}:{st.st_size}:{st.st_mtime_ns}".encode())
+        else:
+            h.update(f"{name}:-".encode())
+    return h.hexdigest()[:16]
+
+
 def load_checkpoint(path, map_location="cpu", *, with_head: bool = True) -> LoadedCheckpoint:
     """Rebuild model (and head) from a checkpoint folder. Only JSON and safetensors are read.
 

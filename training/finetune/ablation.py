@@ -29,7 +29,6 @@ runs per variant into ``OUT/eval/<variant>/`` (also reused when nothing changed)
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import shutil
@@ -242,24 +241,17 @@ def ensure_pretrained(variant: str, s: AblationSettings, log: Callable[[str], No
 
 # ----------------------------------------------------------------------------------------------
 # Evaluation of one variant
-def _checkpoint_identity(path) -> str:
-    h = hashlib.sha256()
-    for name in ("config.json", "model.safetensors"):
-        st = (Path(path) / name).stat()
-        h.update(f"{name}:{st.st_size}:{st.st_mtime_ns}".encode())
-    return h.hexdigest()[:16]
-
-
 def evaluate_variant(variant: str, checkpoint: str, dataset, tasks: list, s: AblationSettings, device: str,
                      log: Callable[[str], None] = print) -> tuple:
     """Run the evaluation protocol for one variant's checkpoint; ``(report, reused)``."""
+    from refound_core.model.checkpoint import checkpoint_identity
     from training.finetune.evaluate import run_evaluation
     from training.finetune.methods import EvalContext
 
     method = MODE_METHOD[s.mode]
     out = Path(s.out) / "eval" / variant
     epochs = s.epochs if s.epochs is not None else (40 if s.mode == "feature" else 10)
-    key = {"checkpoint": _checkpoint_identity(checkpoint), "data": str(Path(dataset.folder).resolve()),
+    key = {"checkpoint": checkpoint_identity(checkpoint), "data": str(Path(dataset.folder).resolve()),
            "tasks": [t.to_dict() for t in tasks], "method": method, "runs": int(s.runs), "seed": int(s.seed),
            "epochs": int(epochs), "batch_size": int(s.batch_size), "lr": s.lr, "negative_ratio": s.negative_ratio}
     key_path, results = out / "ablation_key.json", out / "results.json"

@@ -98,20 +98,11 @@ class RunJournal:
             os.fsync(f.fileno())
 
 
-def _checkpoint_stamp(checkpoint) -> Optional[str]:
-    """Identity of a checkpoint for the journal: its weights' size and modification time."""
-    if not checkpoint:
-        return None
-    parts = []
-    for name in ("config.json", "model.safetensors"):
-        f = Path(checkpoint) / name
-        parts.append(f"{name}:{f.stat().st_size}:{f.stat().st_mtime_ns}" if f.exists() else f"{name}:-")
-    return f"{Path(checkpoint).resolve()}|{'|'.join(parts)}"
-
-
 def run_evaluation(ctx: EvalContext, tasks: Sequence[TaskSpec], methods: Sequence[str], out_dir, *,
                    runs: int = 5, seed: int = 0, fractions: Sequence[float] = (1.0,),
                    negative_ratio: Optional[float] = None, log: Callable[[str], None] = print) -> dict:
+    from refound_core.model.checkpoint import checkpoint_identity  # imports torch: not at module import
+
     unknown = [m for m in methods if m not in REGISTRY]
     if unknown:
         raise InputError(f"unknown method(s) {unknown}; available: {sorted(REGISTRY)}")
@@ -124,7 +115,8 @@ def run_evaluation(ctx: EvalContext, tasks: Sequence[TaskSpec], methods: Sequenc
               "methods": {m: {"mode": REGISTRY[m].mode, "stands_in_for": REGISTRY[m].stands_in_for} for m in methods},
               "tasks": {}}
     journal = RunJournal(out / "runs.jsonl", {
-        "data": str(Path(ds.folder).resolve()), "cells": len(ds), "checkpoint": _checkpoint_stamp(ctx.checkpoint),
+        "data": str(Path(ds.folder).resolve()), "cells": len(ds),
+        "checkpoint": checkpoint_identity(ctx.checkpoint) if ctx.checkpoint else None,
         "epochs": ctx.epochs, "warmup_epochs": ctx.warmup_epochs, "batch_size": ctx.batch_size, "lr": ctx.lr,
         "options": {k: v for k, v in ctx.options.items() if isinstance(v, (str, int, float, bool, type(None)))},
         "seed": seed, "negative_ratio": negative_ratio})

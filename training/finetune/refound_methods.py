@@ -2,7 +2,6 @@
 (4.3 (2), A.2.3), and the same architecture without pre-training (random initialisation)."""
 from __future__ import annotations
 
-import hashlib
 import os
 from pathlib import Path
 
@@ -10,7 +9,7 @@ import numpy as np
 import torch
 
 from refound_core.errors import InputError
-from refound_core.model.checkpoint import load_checkpoint
+from refound_core.model.checkpoint import checkpoint_identity, load_checkpoint
 from refound_core.model.heads import ReFoundWithHead, TaskHead
 from refound_core.model.precision import autocast
 from refound_core.model.refound import ReFound
@@ -83,16 +82,6 @@ class ReFoundScratch(_ReFoundFineTune):
     pretrained = False
 
 
-def _checkpoint_identity(path) -> str:
-    p = Path(path)
-    h = hashlib.sha256()
-    for name in ("config.json", "model.safetensors"):
-        f = p / name
-        st = f.stat()
-        h.update(f"{name}:{st.st_size}:{st.st_mtime_ns}".encode())
-    return h.hexdigest()[:16]
-
-
 @torch.inference_mode()
 def region_embeddings(model: ReFound, dataset, featurizer, image_size: int, batch_size: int = 16,
                       device: str = "cpu", progress=None) -> tuple:
@@ -123,7 +112,7 @@ class _ReFoundFeatureBased(Method):
     def embeddings(self, seed: int):
         ctx = self.ctx
         loaded = _need_checkpoint(ctx)
-        ident = _checkpoint_identity(ctx.checkpoint) + ("" if self.pretrained else f"-scratch{seed}")
+        ident = checkpoint_identity(ctx.checkpoint) + ("" if self.pretrained else f"-scratch{seed}")
         cache = Path(ctx.cache_dir or Path(ctx.dataset.folder) / "embedding_cache") / f"refound-{ident}.npz"
         if cache.exists():
             with np.load(cache) as z:
