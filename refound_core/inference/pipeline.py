@@ -269,7 +269,7 @@ class _Sources:
         self.timer.add("poi_join", time.perf_counter() - t0)
         if chips is not None:
             for s, chip in zip(out, chips):
-                s.image, s.image_coverage = chip.image, float(chip.coverage)
+                s.image, s.image_coverage, s.image_valid = chip.image, float(chip.coverage), chip.valid
         return out
 
     def close(self):
