@@ -323,3 +323,34 @@ def test_late_fusion_ignores_the_missing_modality(fusion):
     ids4 = ids.clone()
     ids4[1] = torch.randint(1, 50, (5,))
     torch.testing.assert_close(model(ids4, mask, img, has_pois, has_image)[1], out[1])
+
+
+def test_teacher_baseline_gets_the_checkpoints_describer(dataset, tmp_path):
+    """The teacher_features baseline describes regions with the describer the checkpoint's DLFM
+    distilled (SmolLM2 or template), recorded in the report, unless the caller chose teachers."""
+    import json
+
+    from training.finetune.baselines.features import describer_of_checkpoint
+    from training.finetune.evaluate import _teacher_baseline_spec
+
+    smol = "local-llm(SmolLM2-135M-Instruct-Q8_0.gguf,sig=1,prompt=2,max_names=30,max_new_tokens=48,greedy)"
+    assert describer_of_checkpoint({"describer": smol}) == "smollm2"
+    assert describer_of_checkpoint({"describer": "template(v2)"}) == "template"
+    assert describer_of_checkpoint({}) == "template"
+
+    ck = tmp_path / "ck"
+    ck.mkdir()
+    (ck / "provenance.json").write_text(json.dumps({"teachers": {"describer": {"used": smol}}}))
+    ctx = EvalContext(dataset=dataset, checkpoint=str(ck), cache_dir=str(tmp_path), options={})
+    line = _teacher_baseline_spec(ctx)
+    assert ctx.options["teachers"] == {"describer": "smollm2"}
+    assert line.startswith("describer=smollm2, sentence=")
+
+    chosen = EvalContext(dataset=dataset, checkpoint=str(ck), cache_dir=str(tmp_path),
+                         options={"teachers": {"describer": "template"}})
+    assert _teacher_baseline_spec(chosen).startswith("describer=template")
+    assert chosen.options["teachers"] == {"describer": "template"}
+
+    random_init = EvalContext(dataset=dataset, checkpoint=None, cache_dir=str(tmp_path), options={})
+    _teacher_baseline_spec(random_init)
+    assert random_init.options["teachers"] == {"describer": "template"}

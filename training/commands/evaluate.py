@@ -34,7 +34,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data-scale", default="100",
                    help="training-data percentages, e.g. 100,75,50,25,10 for the data-scale analysis (paper 5.2.5)")
     p.add_argument("--negative-ratio", type=float, help="binary tasks: keep at most this many negatives per positive (paper: 5)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the split (runs use seed+1000*run+1)")
+    p.add_argument("--seed", type=int, default=0, help="base seed: run r (0-based) uses split seed+r and training seed seed+1000*r+1; every method sees the same splits")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--cache-dir", help="cache folder for frozen features (default: inside the dataset folder)")
     p.add_argument("--out", required=True, help="output folder for results.md, results.json, split.json, data_scale.png")

@@ -128,6 +128,8 @@ def run_evaluation(ctx: EvalContext, tasks: Sequence[TaskSpec], methods: Sequenc
         "epochs": ctx.epochs, "warmup_epochs": ctx.warmup_epochs, "batch_size": ctx.batch_size, "lr": ctx.lr,
         "options": {k: v for k, v in ctx.options.items() if isinstance(v, (str, int, float, bool, type(None)))},
         "seed": seed, "negative_ratio": negative_ratio, "protocol": PROTOCOL})
+    if "teacher_features" in methods:
+        report["methods"]["teacher_features"]["teachers"] = _teacher_baseline_spec(ctx)
     report["warmup_epochs"] = ctx.warmup_epochs
     report["feature_epochs"] = ctx.options.get("feature_epochs", 40)
     splits = {}
@@ -171,6 +173,25 @@ def run_evaluation(ctx: EvalContext, tasks: Sequence[TaskSpec], methods: Sequenc
         log(f"reused {reused} finished run(s) from {out / 'runs.jsonl'}")
     _write_outputs(out, report, splits, plot=len(fractions) > 1)
     return report
+
+
+def _teacher_baseline_spec(ctx: EvalContext) -> str:
+    """Give the teacher_features baseline the checkpoint's describer (unless the caller chose its
+    teachers) and return the teacher spec it runs with, for the tables."""
+    from refound_core.model.checkpoint import PROVENANCE_FILE, teachers_of
+    from training.finetune.baselines.features import describer_of_checkpoint
+
+    spec = ctx.options.get("teachers")
+    if spec is None:
+        f = Path(ctx.checkpoint) / PROVENANCE_FILE if ctx.checkpoint else None
+        prov = json.loads(f.read_text(encoding="utf-8")) if f is not None and f.exists() else None
+        spec = ctx.options["teachers"] = {"describer": describer_of_checkpoint(teachers_of(prov))}
+    if not isinstance(spec, dict):
+        return type(spec).__name__
+    from refound_core.teachers import DEFAULT_SPEC
+
+    full = {**DEFAULT_SPEC, "describer": "template", **spec}
+    return ", ".join(f"{role}={full[role]}" for role in ("describer", "sentence", "visual"))
 
 
 def _checkpoint_teachers(checkpoint) -> Optional[str]:
@@ -285,7 +306,8 @@ def markdown_report(report: dict) -> str:
             lines += _paired_lines(trep.get("paired", {}).get(frac), kind)
     lines.append("Methods:")
     for m, d in report["methods"].items():
-        lines.append(f"- `{m}` ({d['mode']}): {d['stands_in_for']}")
+        lines.append(f"- `{m}` ({d['mode']}): {d['stands_in_for']}"
+                     + (f" — teachers: {d['teachers']}" if d.get("teachers") else ""))
     return "\n".join(lines) + "\n"
 
 

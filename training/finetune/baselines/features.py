@@ -27,7 +27,10 @@ NAME_SEPARATOR = ", "
 
 def resolve_teachers(spec_or_teachers=None, device: str = "cpu"):
     """A ``refound_core.teachers.Teachers`` (used as is) or a teacher spec dict (default: template
-    describer, USE sentence embedder, EfficientNet-Lite0 on ``device``; ``{"preset": "stub"}`` for tests)."""
+    describer, USE sentence embedder, EfficientNet-Lite0 on ``device``; ``{"preset": "stub"}`` for tests).
+    The template describer is the default here, unlike pre-training's SmolLM2, because `refound
+    evaluate` passes the checkpoint's own describer (:func:`describer_of_checkpoint`): the teacher
+    baseline sees the descriptions ReFound distilled."""
     if spec_or_teachers is not None and not isinstance(spec_or_teachers, dict):
         for role in ("describer", "sentence", "visual"):
             if not hasattr(spec_or_teachers, role):
@@ -36,7 +39,18 @@ def resolve_teachers(spec_or_teachers=None, device: str = "cpu"):
         return spec_or_teachers
     from refound_core.teachers import build_teachers
 
-    return build_teachers({"device": device, **(spec_or_teachers or {})})
+    spec = dict(spec_or_teachers or {})
+    if spec.get("preset") != "stub":
+        spec.setdefault("describer", "template")
+    return build_teachers({"device": device, **spec})
+
+
+def describer_of_checkpoint(teachers: dict) -> str:
+    """The registry name of the describer a checkpoint's DLFM distilled (``teachers`` as from
+    ``refound_core.model.checkpoint.teachers_of``): ``smollm2`` or ``template`` (the default when
+    none is recorded, e.g. random or converted weights)."""
+    ident = str(teachers.get("describer", "")).lower()
+    return "smollm2" if ident.startswith("local-llm(") and "smollm2" in ident else "template"
 
 
 def feature_key(dataset, teachers, text_mode: str) -> dict:
@@ -132,10 +146,13 @@ class TeacherFeatures(Method):
     default_lr = common.LR_FEATURES
     hidden = 768  # the head width of ReFound-base (dense H -> H with H = 768, A.2.2)
 
+    def teachers(self):
+        return resolve_teachers(common.option(self.ctx, "teachers", None), self.ctx.device)
+
     def features(self) -> dict:
         """Cached teacher features of the whole dataset (computed on first use)."""
         ctx = self.ctx
-        teachers = resolve_teachers(common.option(ctx, "teachers", None), ctx.device)
+        teachers = self.teachers()
         mode = str(common.option(ctx, "teacher_text", "description"))
         if mode not in TEXT_MODES:
             raise InputError(f"teacher_text {mode!r} is not one of {TEXT_MODES}")
