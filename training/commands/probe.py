@@ -1,0 +1,101 @@
+"""``refound probe``: the real-imagery probe (docs/EVALUATION.md, "Real-imagery probe").
+
+Frozen image-side embeddings of each ``--checkpoint`` (h[S], image-only forward), the same
+architecture at random initialisation and the EfficientNet-Lite0 teacher, each fed to a
+standardised ridge regression of a per-crop target (``building_fraction`` from
+``refound build-corpus --manifest data/manifests/real-probe.json``), cross-validated with whole
+scenes per fold. Prints a table and writes the numbers to ``--out`` (JSON, atomically).
+"""
+from __future__ import annotations
+
+import argparse
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.formatter_class = argparse.RawDescriptionHelpFormatter
+    p.epilog = ("example:\n  refound probe --data runs/real_probe_ds --checkpoint runs/pt/checkpoint --out probe.json\n"
+                "rows: each checkpoint, 'random-init' (the first checkpoint's architecture, seeded --seed),\n"
+                "'efficientnet-teacher' (pooled ImageNet EfficientNet-Lite0 features, the DVFM teacher).\n"
+                "R2 mean ± sd: over the grouped folds of all --repeats fold seeds; R2 pool: one R2 over all\n"
+                "out-of-fold predictions, averaged over the fold seeds; erank = effective rank;\n"
+                "top-PC = variance share of the first principal component of the embeddings.")
+    p.add_argument("--data", required=True, help="probe region dataset (images + a per-crop label, scene in cell_id)")
+    p.add_argument("--checkpoint", action="append", default=[], metavar="CKPT",
+                   help="a ReFound checkpoint folder; repeat to compare several")
+    p.add_argument("--target", default=None, help="label to predict (default: the dataset's only label)")
+    p.add_argument("--folds", type=int, default=5, help="grouped folds (capped at the number of scenes; default 5)")
+    p.add_argument("--repeats", type=int, default=3, help="fold seeds: scene-to-fold assignments (default 3)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random-initialisation row (default 0)")
+    p.add_argument("--no-random-init", action="store_true", help="skip the random-initialisation row")
+    p.add_argument("--teacher", choices=["efficientnet", "none"], default="efficientnet",
+                   help="image-teacher row (default efficientnet; none: skip it)")
+    p.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    p.add_argument("--batch-size", type=int, default=16, help="regions per forward pass (default 16)")
+    p.add_argument("--out", default=None, help="write the results here as JSON")
+
+
+def _target(ds, name):
+    from refound_core.errors import InputError
+
+    if name is None:
+        if len(ds.label_names) != 1:
+            raise InputError(f"{ds.folder} has labels {ds.label_names}; choose one with --target")
+        name = ds.label_names[0]
+    if name not in ds.labels:
+        raise InputError(f"{ds.folder} has no label {name!r} (it has {ds.label_names}); pass --target")
+    return name, ds.labels[name]
+
+
+def format_table(rows) -> str:
+    lines = [f"{'embedding':<34} {'dim':>5} {'R2 mean':>8} {'sd':>6} {'R2 pool':>8} {'erank':>7} {'top-PC':>7}"]
+    for r in rows:
+        lines.append(f"{r['name'][:34]:<34} {r['dim']:>5} {r['r2_mean']:>8.3f} {r['r2_sd']:>6.3f} "
+                     f"{r['r2_pooled_mean']:>8.3f} {r['effective_rank']:>7.2f} {r['top_pc_share']:>7.3f}")
+    return "\n".join(lines)
+
+
+def run(args) -> int:
+    from pathlib import Path
+
+    import numpy as np
+
+    from refound_core.data.dataset import RegionDataset, _write_json_atomic
+    from refound_core.errors import InputError
+    from training.finetune import probe
+
+    if not args.checkpoint and args.teacher == "none":
+        raise InputError("nothing to probe: pass --checkpoint CKPT and/or keep --teacher efficientnet")
+    ds = RegionDataset(args.data)
+    target, y = _target(ds, args.target)
+    keep = np.flatnonzero(~np.isnan(y) & (ds.image_coverage > 0))
+    if len(keep) < len(ds):
+        raise InputError(f"{len(ds) - len(keep)} regions of {ds.folder} lack an image or a {target!r} value; "
+                         "the probe needs both in every region")
+    groups, scenes = probe.scene_groups(ds)
+    seeds = list(range(args.repeats))
+    common = dict(folds=args.folds, seeds=seeds)
+    rows = []
+    for ckpt in args.checkpoint:
+        x, _ = probe.checkpoint_image_embeddings(ckpt, ds, device=args.device, batch_size=args.batch_size)
+        rows.append(probe.probe_row(Path(ckpt).name if Path(ckpt).name != "checkpoint" else str(ckpt),
+                                    "checkpoint h[S]", x, y, groups, source=str(ckpt), **common))
+    if args.checkpoint and not args.no_random_init:
+        x, _ = probe.checkpoint_image_embeddings(args.checkpoint[0], ds, random_seed=args.seed, device=args.device,
+                                                 batch_size=args.batch_size)
+        rows.append(probe.probe_row(f"random-init (seed {args.seed})", "random h[S]", x, y, groups,
+                                    source=f"architecture of {args.checkpoint[0]}", **common))
+    if args.teacher == "efficientnet":
+        x, ident = probe.teacher_image_embeddings(ds, device=args.device)
+        rows.append(probe.probe_row("efficientnet-teacher", "teacher pooled", x, y, groups, source=ident, **common))
+    k = min(args.folds, len(scenes))
+    print(f"refound probe: {target} on {len(ds)} crops from {len(scenes)} scenes, "
+          f"{k} grouped folds x {len(seeds)} fold seeds")
+    print(format_table(rows))
+    if args.out:
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        _write_json_atomic(out, {"data": str(ds.folder), "target": target, "regions": len(ds), "scenes": scenes,
+                                 "folds": k, "fold_seeds": seeds, "target_mean": float(y.mean()),
+                                 "target_sd": float(y.std()), "rows": rows})
+        print(f"refound probe: wrote {out}")
+    return 0

@@ -1,0 +1,117 @@
+"""Real-imagery probe: how much a frozen image embedding knows about a per-crop target.
+
+For each embedding (a checkpoint's image-side region token h[S], the same architecture at random
+initialisation, the EfficientNet-Lite0 teacher's pooled features) a standardised ridge regression
+(RidgeCV) predicts the target (e.g. building fraction); folds are whole scenes (source images), so
+overlapping crops of one image never sit on both sides. Reported: R² over the folds (mean, sd,
+several fold seeds), the effective rank of the centred embeddings (exp of the entropy of the
+normalised squared singular values, Roy & Vetterli 2007) and the variance share of the top
+principal component -- a collapsed embedding has effective rank near 1 and a top share near 1.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from refound_core.errors import InputError
+
+ALPHAS = np.logspace(-2, 6, 17)
+
+
+def scene_groups(dataset) -> tuple:
+    """``(codes int [N], names)``: the scene of each cell, the part of its cell_id before the last '/'
+    (``refound build-corpus`` writes ``<scene>/<col>_<row>``)."""
+    scenes = [cid.rsplit("/", 1)[0] for cid in dataset.cell_ids]
+    names, codes = np.unique(np.asarray(scenes, dtype=object), return_inverse=True)
+    return codes.astype(np.int64), [str(n) for n in names]
+
+
+def grouped_folds(groups, k: int, seed: int) -> list:
+    """``[(train_idx, test_idx)] * k``: the unique groups, shuffled with ``seed``, dealt round-robin
+    to ``k`` folds (``k`` capped at the number of groups), so no group is in both halves of a fold."""
+    groups = np.asarray(groups)
+    unique = np.unique(groups)
+    if len(unique) < 2:
+        raise InputError(f"the probe needs regions from at least 2 scenes for grouped folds, got {len(unique)}")
+    k = max(2, min(int(k), len(unique)))
+    order = np.random.default_rng(seed).permutation(unique)
+    fold_of = {g: i % k for i, g in enumerate(order)}
+    assign = np.array([fold_of[g] for g in groups])
+    return [(np.flatnonzero(assign != f), np.flatnonzero(assign == f)) for f in range(k)]
+
+
+def effective_rank(x) -> tuple:
+    """``(effective rank, top principal component's variance share)`` of the rows of ``x``."""
+    x = np.asarray(x, dtype=np.float64)
+    x = x - x.mean(axis=0, keepdims=True)
+    s = np.linalg.svd(x, compute_uv=False)
+    power = s ** 2
+    total = power.sum()
+    if total <= 0:
+        return 0.0, 1.0
+    p = power / total
+    nz = p[p > 0]
+    return float(np.exp(-(nz * np.log(nz)).sum())), float(p.max())
+
+
+def ridge_r2(x, y, groups, *, folds: int = 5, seeds=(0, 1, 2)) -> dict:
+    """Grouped-CV R² of a standardised RidgeCV (alpha by efficient leave-one-out inside each training
+    fold); returns mean / sd over all folds of all seeds, the per-seed means and every fold value."""
+    from sklearn.linear_model import RidgeCV
+    from sklearn.metrics import r2_score
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
+    values, per_seed, pooled = [], [], []
+    for seed in seeds:
+        seed_vals, oof = [], np.empty_like(y)
+        for train, test in grouped_folds(groups, folds, seed):
+            model = make_pipeline(StandardScaler(), RidgeCV(alphas=ALPHAS)).fit(x[train], y[train])
+            oof[test] = model.predict(x[test])
+            seed_vals.append(float(r2_score(y[test], oof[test])))
+        values += seed_vals
+        per_seed.append(float(np.mean(seed_vals)))
+        pooled.append(float(r2_score(y, oof)))
+    return {"r2_mean": float(np.mean(values)), "r2_sd": float(np.std(values, ddof=1)) if len(values) > 1 else 0.0,
+            "r2_per_seed": per_seed, "r2_folds": values,
+            # one R² over all out-of-fold predictions per fold seed: steadier than per-fold R² when a
+            # test fold holds few scenes with little spread of the target
+            "r2_pooled_mean": float(np.mean(pooled)), "r2_pooled": pooled}
+
+
+def checkpoint_image_embeddings(checkpoint, dataset, *, random_seed=None, device: str = "cpu",
+                                batch_size: int = 16):
+    """h[S] ``float32 [N, H]`` of every region, image modality only (the regions have no POIs or the
+    POI token is ignored); ``random_seed`` set: the checkpoint's architecture at random initialisation."""
+    from refound_core.model.checkpoint import load_checkpoint
+    from training.finetune.refound_methods import _fresh_backbone, region_embeddings
+    from training.finetune.regions import featurizer_for_checkpoint
+
+    loaded = load_checkpoint(checkpoint, map_location="cpu", with_head=False)
+    model = loaded.model if random_seed is None else _fresh_backbone(loaded, int(random_seed))
+    feat = featurizer_for_checkpoint(loaded)
+    tokens, presence = region_embeddings(model, dataset, feat, loaded.config.image_size, batch_size=batch_size,
+                                         device=device)
+    if not presence[:, 1].all():
+        raise InputError(f"{int((~presence[:, 1]).sum())} regions of {dataset.folder} have no image; the probe "
+                         "needs an image in every region (build it with `refound build-corpus`)")
+    return tokens[:, 1], loaded
+
+
+def teacher_image_embeddings(dataset, *, device: str = "cpu", batch_size: int = 32):
+    """EfficientNet-Lite0 (ImageNet) pooled 1,280-d features of every region's image (the DVFM teacher)."""
+    from refound_core.teachers.visual import EfficientNetLite0Teacher
+
+    teacher = EfficientNetLite0Teacher(device=device)
+    out = []
+    for start in range(0, len(dataset), batch_size):
+        images = [np.array(dataset.images[i]) for i in range(start, min(start + batch_size, len(dataset)))]
+        out.append(teacher.embed_images(images))
+    return np.concatenate(out).astype(np.float32), teacher.identity()
+
+
+def probe_row(name: str, kind: str, x, y, groups, *, folds: int, seeds, source: str = "") -> dict:
+    """One table row: R² over grouped folds plus the embedding's effective rank and top-PC share."""
+    rank, top = effective_rank(x)
+    return {"name": name, "kind": kind, "source": source, "dim": int(np.asarray(x).shape[1]),
+            **ridge_r2(x, y, groups, folds=folds, seeds=seeds), "effective_rank": rank, "top_pc_share": top}
