@@ -2,8 +2,10 @@
 
 Fields (the same for every task and the same as the core's GeoPackage writer, so layers join on
 ``cell_id`` whatever produced them): ``cell_id``, ``prediction`` (double; NULL where not
-predicted), ``poi_count``, ``image_coverage``, ``sufficient`` (1 / 0). The embedding task adds ``emb_000...`` (the fused region embedding,
-paper 4.3) and puts its first principal component in ``prediction`` so the map shows structure.
+predicted), ``poi_count``, ``image_coverage``, ``sufficient`` (1 / 0), then any further per-cell
+output the model returns (``refound_core.inference.results.extra_columns``, as the core writers
+do). The embedding task adds ``emb_000...`` (the fused region embedding, paper 4.3) and puts its
+first principal component in ``prediction`` so the map shows structure.
 
 Styling reuses ``refound_core.inference.styles`` (the same QML the GeoPackage writer embeds):
 a probability ramp with the 0.5 break for urban villages, quantile-graduated ramps for population
@@ -37,6 +39,7 @@ from qgis.PyQt.QtXml import QDomDocument
 
 from refound_core.errors import InputError
 from refound_core.inference import styles
+from refound_core.inference.results import extra_columns
 
 from .settings import task_label, tr
 
@@ -50,17 +53,50 @@ def _get(obj, name, default=None):
     return obj.get(name, default) if isinstance(obj, dict) else getattr(obj, name, default)
 
 
-def result_fields(embedding_dim: int = 0) -> QgsFields:
+def extra_fields_of(cells: Sequence) -> list:
+    """``[(name, QVariant type)]`` of the per-cell outputs beyond the fixed fields, in order of
+    first appearance: numbers double, booleans integer (1 / 0), anything else text."""
+    kinds: dict = {}
+    for c in cells:
+        for name, v in extra_columns(c).items():
+            if v is not None:
+                kinds.setdefault(name, set()).add(type(v))
+            else:
+                kinds.setdefault(name, set())
+    out = []
+    for name, types in kinds.items():
+        if types and types <= {bool}:
+            out.append((name, QVariant.Type.Int))
+        elif types and types <= {bool, int, float}:
+            out.append((name, QVariant.Type.Double))
+        else:
+            out.append((name, QVariant.Type.String))
+    return out
+
+
+def result_fields(embedding_dim: int = 0, extras: Sequence = ()) -> QgsFields:
     # Same names and order as the core's GeoPackage writer (refound_core.inference.writers).
     fields = QgsFields()
-    fields.append(QgsField(CELL_ID, QVariant.String, "string", 80))
-    fields.append(QgsField(PREDICTION, QVariant.Double, "double", 20, 8))
-    fields.append(QgsField(POI_COUNT, QVariant.Int, "integer"))
-    fields.append(QgsField(IMAGE_COVERAGE, QVariant.Double, "double", 10, 4))
-    fields.append(QgsField(SUFFICIENT, QVariant.Int, "integer"))
+    fields.append(QgsField(CELL_ID, QVariant.Type.String, "string", 80))
+    fields.append(QgsField(PREDICTION, QVariant.Type.Double, "double", 20, 8))
+    fields.append(QgsField(POI_COUNT, QVariant.Type.Int, "integer"))
+    fields.append(QgsField(IMAGE_COVERAGE, QVariant.Type.Double, "double", 10, 4))
+    fields.append(QgsField(SUFFICIENT, QVariant.Type.Int, "integer"))
+    for name, vtype in extras:
+        fields.append(QgsField(name, vtype))
     for i in range(embedding_dim):
-        fields.append(QgsField(f"{EMBEDDING_PREFIX}{i:03d}", QVariant.Double, "double"))
+        fields.append(QgsField(f"{EMBEDDING_PREFIX}{i:03d}", QVariant.Type.Double, "double"))
     return fields
+
+
+def _extra_value(v, vtype):
+    if v is None:
+        return None
+    if vtype == QVariant.Type.Int:
+        return int(bool(v))
+    if vtype == QVariant.Type.Double:
+        return _number(v)
+    return str(v)
 
 
 def _number(v) -> Optional[float]:
@@ -110,9 +146,10 @@ def first_principal_component(vectors: Sequence[Optional[list]]) -> list:
     return out
 
 
-def make_features(cells: Iterable, fields: QgsFields, embedding_dim: int = 0) -> list:
-    """QgsFeatures for CellResult-like objects or backend dicts (``cell_id``, ``bounds``,
-    ``value``, ``poi_count``, ``image_coverage``, ``sufficient``; ``fused`` for embeddings)."""
+def make_features(cells: Iterable, fields: QgsFields, embedding_dim: int = 0, extras: Sequence = ()) -> list:
+    """QgsFeatures for CellResult-like objects (``cell_id``, ``bounds``, ``value``,
+    ``poi_count``, ``image_coverage``, ``sufficient``; ``fused`` for embeddings), with the
+    ``extras`` of :func:`extra_fields_of` after the fixed fields."""
     cells = list(cells)
     vectors = [_embedding(c) for c in cells] if embedding_dim else []
     pc1 = first_principal_component(vectors) if embedding_dim else []
@@ -127,6 +164,9 @@ def make_features(cells: Iterable, fields: QgsFields, embedding_dim: int = 0) ->
             value = _number(_get(c, "value")) if sufficient else None
         attrs = [str(_get(c, "cell_id")), value, int(_get(c, "poi_count", 0) or 0),
                  float(_get(c, "image_coverage", 0.0) or 0.0), 1 if sufficient else 0]
+        if extras:
+            cols = extra_columns(c)
+            attrs += [_extra_value(cols.get(name), vtype) for name, vtype in extras]
         if embedding_dim:
             vec = vectors[k] if sufficient else None
             attrs += (vec if vec is not None and len(vec) == embedding_dim else [None] * embedding_dim)
@@ -152,12 +192,13 @@ def layer_title(task: str, model_name: str, when: Optional[_dt.datetime] = None)
 
 def memory_layer(cells: Sequence, crs_authid: str, title: str, embeddings: bool = False) -> QgsVectorLayer:
     dim = embedding_dim_of(cells) if embeddings else 0
-    fields = result_fields(dim)
+    extras = extra_fields_of(cells)
+    fields = result_fields(dim, extras)
     layer = QgsVectorLayer(f"Polygon?crs={crs_authid}", title, "memory")
     pr = layer.dataProvider()
     pr.addAttributes(fields.toList())
     layer.updateFields()
-    pr.addFeatures(make_features(cells, layer.fields(), dim))
+    pr.addFeatures(make_features(cells, layer.fields(), dim, extras))
     layer.updateExtents()
     return layer
 
@@ -188,7 +229,7 @@ def write_geopackage(layer: QgsVectorLayer, path: str, task: str = "", kind: Opt
     try:
         err, msg, _, _ = QgsVectorFileWriter.writeAsVectorFormatV3(
             layer, tmp, QgsProject.instance().transformContext(), opts)
-        if err != QgsVectorFileWriter.NoError:
+        if err != QgsVectorFileWriter.WriterError.NoError:
             raise InputError(tr("Writing {path} failed: {msg}").format(path=path, msg=msg))
         if task:
             written = QgsVectorLayer(f"{tmp}|layername={CELLS_LAYER}", layer.name(), "ogr")
@@ -277,4 +318,4 @@ def crs_of(authid: str) -> QgsCoordinateReferenceSystem:
 
 
 def is_polygon_layer(layer) -> bool:
-    return isinstance(layer, QgsVectorLayer) and layer.geometryType() == QgsWkbTypes.PolygonGeometry
+    return isinstance(layer, QgsVectorLayer) and layer.geometryType() == QgsWkbTypes.GeometryType.PolygonGeometry

@@ -163,6 +163,12 @@ class CellGrid:
         col1, row1 = max(math.ceil(bx1 / s), col0 + 1), max(math.ceil(by1 / s), row0 + 1)
         return col0, col1, row0, row1
 
+    def bounds_of_ranges(self, ranges: tuple) -> tuple:
+        """``(xmin, ymin, xmax, ymax)`` covered by the cells of ``ranges``."""
+        col0, col1, row0, row1 = ranges
+        s = self.cell_size
+        return col0 * s, row0 * s, col1 * s, row1 * s
+
     def check_count(self, ranges: tuple, limit: int = None,
                     hint: str = "use a smaller extent, a larger cell size, or raise max_cells") -> int:
         """Number of cells of ``ranges``; InputError above ``limit`` (default ``max_cells``),

@@ -191,18 +191,24 @@ def _load_model(request: AnalysisRequest, world: int, local_rank: int, timer: _T
     return model
 
 
+def plan_grid(frame, request) -> tuple:
+    """``(grid, ranges, number of cells)`` of a located area: the one place where an area becomes
+    grid cells (``refound_core.data.grid.CellGrid``); InputError above ``request.max_cells``."""
+    from refound_core.data.grid import CellGrid
+
+    grid = CellGrid(frame.crs, request.cell_size)
+    ranges = grid.ranges_of_bounds(frame.bounds)
+    return grid, ranges, grid.check_count(ranges, request.max_cells, request.max_cells_hint)
+
+
 def _sample_blocks(request, source, frame, image_size: int, rank: int, world: int, is_canceled):
     """``(blocks of RegionSamples, total cells or None)``: the grid and its blocks (this rank's
     share) when the source located an area, else the source's own blocks."""
-    from refound_core.data.grid import CellGrid
-
     block_cells = max(1, int(request.block_cells))
     if frame.bounds is None:
         return source.own_blocks(block_cells), None
     t0 = time.perf_counter()
-    grid = CellGrid(frame.crs, request.cell_size)
-    ranges = grid.ranges_of_bounds(frame.bounds)
-    total = grid.check_count(ranges, request.max_cells, request.max_cells_hint)
+    grid, ranges, total = plan_grid(frame, request)
     blocks = [b for i, b in enumerate(grid.blocks(ranges, block_cells)) if i % world == rank]
     source.timer("grid", time.perf_counter() - t0)
     source.prepare(grid, ranges, image_size)
@@ -213,8 +219,11 @@ def _sample_blocks(request, source, frame, image_size: int, rank: int, world: in
                 return  # the consumer raises AnalysisCanceled at its next check
             t1 = time.perf_counter()
             cells = list(grid.cells_of_ranges(b))
+            if frame.keep is not None:
+                cells = [c for c in cells if frame.keep(c)]
             source.timer("grid", time.perf_counter() - t1)
-            yield source.read_block(cells)
+            if cells:
+                yield source.read_block(cells)
 
     return read(), total
 

@@ -42,11 +42,14 @@ class GridFrame:
         bounds: ``(xmin, ymin, xmax, ymax)`` of the area in ``crs``; None when the source brings
             its own cells (ready samples: :meth:`CellSource.own_blocks`).
         notices: human-readable notes for the run's summary (e.g. which CRS was assumed).
+        keep: optional ``keep(cell) -> bool``: only those cells of the bounds are analysed (the
+            seam for polygon AOIs; the plugin's head training keeps its labelled cells).
     """
 
     crs: str
     bounds: Optional[tuple]
     notices: list = field(default_factory=list)
+    keep: Optional[Callable] = None
 
 
 class CellSource(ABC):
