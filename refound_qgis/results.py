@@ -43,8 +43,8 @@ from refound_core.inference.results import extra_columns
 
 from .settings import task_label, tr
 
-PREDICTION, CELL_ID, POI_COUNT, IMAGE_COVERAGE, SUFFICIENT = (
-    "prediction", "cell_id", "poi_count", "image_coverage", "sufficient")
+PREDICTION, CELL_ID, POI_COUNT, IMAGE_COVERAGE, IMAGE_USED, SUFFICIENT = (
+    "prediction", "cell_id", "poi_count", "image_coverage", "image_used", "sufficient")
 EMBEDDING_PREFIX = "emb_"
 CELLS_LAYER = "cells"  # the GeoPackage layer name, as the core writer's
 
@@ -81,6 +81,7 @@ def result_fields(embedding_dim: int = 0, extras: Sequence = ()) -> QgsFields:
     fields.append(QgsField(PREDICTION, QVariant.Type.Double, "double", 20, 8))
     fields.append(QgsField(POI_COUNT, QVariant.Type.Int, "integer"))
     fields.append(QgsField(IMAGE_COVERAGE, QVariant.Type.Double, "double", 10, 4))
+    fields.append(QgsField(IMAGE_USED, QVariant.Type.Int, "integer"))
     fields.append(QgsField(SUFFICIENT, QVariant.Type.Int, "integer"))
     for name, vtype in extras:
         fields.append(QgsField(name, vtype))
@@ -163,7 +164,8 @@ def make_features(cells: Iterable, fields: QgsFields, embedding_dim: int = 0, ex
         else:
             value = _number(_get(c, "value")) if sufficient else None
         attrs = [str(_get(c, "cell_id")), value, int(_get(c, "poi_count", 0) or 0),
-                 float(_get(c, "image_coverage", 0.0) or 0.0), 1 if sufficient else 0]
+                 float(_get(c, "image_coverage", 0.0) or 0.0), 1 if _get(c, "image_used", False) else 0,
+                 1 if sufficient else 0]
         if extras:
             cols = extra_columns(c)
             attrs += [_extra_value(cols.get(name), vtype) for name, vtype in extras]

@@ -138,11 +138,12 @@ class QgisCellSource(CellSource):
         out = []
         for cell in cells:
             names, cats, xy = pois.get(cell.id, ([], [], []))
-            rgb, cov = chips.get(cell.id, (None, 0.0))
+            rgb, cov, valid = chips.get(cell.id, (None, 0.0, None))
             out.append(RegionSample(cell_id=cell.id, bounds=tuple(float(v) for v in cell.bounds), crs=cell.crs,
                                     poi_names=names, poi_categories=cats,
                                     poi_xy=np.asarray(xy, dtype=np.float64).reshape(-1, 2),
-                                    image=rgb, image_coverage=float(cov)))
+                                    image=rgb, image_coverage=float(cov),
+                                    image_valid=valid))
         return out
 
     def _block_pois(self, cells: list) -> dict:
@@ -178,7 +179,7 @@ class QgisCellSource(CellSource):
         return out
 
     def _block_chips(self, cells: list) -> dict:
-        """``{cell_id: (rgb uint8 [chip, chip, 3] or None, coverage)}`` rendered tile by tile."""
+        """``{cell_id: (rgb uint8 [chip, chip, 3], coverage, valid mask or None when all valid)}`` rendered tile by tile."""
         chip = self.chip
         layer = self.imagery.make_layer()  # made and dropped in this thread
         out: dict = {}
@@ -195,7 +196,7 @@ class QgisCellSource(CellSource):
                     coverage = float(valid.mean())
                     if coverage > 0.0:
                         rgb = np.where(valid[..., None], px[..., :3], 0).astype(np.uint8)
-                        out[cell.id] = (np.ascontiguousarray(rgb), coverage)
+                        out[cell.id] = (np.ascontiguousarray(rgb), coverage, None if coverage >= 1.0 else valid.copy())
         finally:
             del layer
         return out

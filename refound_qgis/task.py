@@ -151,12 +151,13 @@ _PREDICT_LOCK = threading.Lock()  # one in-process analysis at a time (dock and 
 MAX_CELLS_HINT = "zoom in, use larger cells, or raise the maximum number of cells (Settings)"
 
 
-def inprocess_predictor(checkpoint: str, device: str, batch_size: int):
+def inprocess_predictor(checkpoint: str, device: str, batch_size: int, min_image_coverage=None):
     """The session's Predictor (``refound_core``'s cache: loaded once, reloaded when the
     checkpoint's config.json changes, one model in memory)."""
     from refound_core.inference.predictor import load_predictor
 
-    return load_predictor(checkpoint, device=device, batch_size=batch_size or None)
+    return load_predictor(checkpoint, device=device, batch_size=batch_size or None,
+                          min_image_coverage=min_image_coverage)
 
 
 def execute(params: AnalysisParams, progress: Callable[[float], None] = lambda f: None,
@@ -200,7 +201,7 @@ def execute(params: AnalysisParams, progress: Callable[[float], None] = lambda f
     try:
         if remote is None:
             with _PREDICT_LOCK:
-                model = inprocess_predictor(checkpoint, params.device, params.batch_size)
+                model = inprocess_predictor(checkpoint, params.device, params.batch_size, params.min_image_coverage)
                 result = run_analysis(request, source, model, sink, step, cancel=is_canceled)
         else:
             result = run_analysis(request, source, remote, sink, step, cancel=is_canceled)

@@ -23,6 +23,8 @@ if [ "$(cat .venv/.refound-installed 2>/dev/null)" != "$want" ]; then
   # (this machine's pip config lists local indexes that do not exist for most names: drop that noise)
   .venv/bin/pip install -q -r requirements/pins.txt -r requirements/dev.txt -r requirements/teachers.txt 2>&1 \
     | { grep -v "is ignored: it is neither a file nor a directory" || true; }
+  .venv/bin/pip install -q --no-deps -r requirements/teachers-nodeps.txt 2>&1 \
+    | { grep -v "is ignored: it is neither a file nor a directory" || true; }
   .venv/bin/pip install -q --no-deps -e . 2>&1 | { grep -v "is ignored: it is neither a file nor a directory" || true; }
   echo "$want" > .venv/.refound-installed
 fi

@@ -17,7 +17,7 @@ from refound_core.backend import protocol
 from refound_core.backend.client import BackendCanceled, BackendClient, BackendError
 from refound_core.errors import InputError
 
-_KNOWN = {"cell_id", "value", "values", "sufficient", "poi_count", "image_coverage", "bounds", *protocol.EMBEDDING_NAMES}
+_KNOWN = {"cell_id", "value", "values", "sufficient", "poi_count", "image_coverage", "image_used", "bounds", *protocol.EMBEDDING_NAMES}
 
 
 class RemotePredictor:
@@ -135,7 +135,8 @@ def _cell_result(sample, r: dict):
 
     out = CellResult(cell_id=str(r.get("cell_id", sample.cell_id)), bounds=tuple(float(v) for v in sample.bounds),
                      crs=sample.crs, value=_number(r.get("value")), poi_count=int(r.get("poi_count") or 0),
-                     image_coverage=float(r.get("image_coverage") or 0.0), sufficient=bool(r.get("sufficient")))
+                     image_coverage=float(r.get("image_coverage") or 0.0), sufficient=bool(r.get("sufficient")),
+                     image_used=bool(r.get("image_used")))
     if r.get("values") is not None:
         out.values = np.array([_number(v) for v in r["values"]], dtype=np.float64)
     for name in protocol.EMBEDDING_NAMES:

@@ -296,7 +296,7 @@ class _Handler(BaseHTTPRequestHandler):
         t0 = time.perf_counter()
         results = self._run_model(lambda c: list(p.predict_samples(samples, task=task, is_canceled=c)))
         out = [{"cell_id": r.cell_id, "value": protocol.json_safe_number(r.value), "sufficient": r.sufficient,
-                "poi_count": r.poi_count, "image_coverage": r.image_coverage,
+                "poi_count": r.poi_count, "image_coverage": r.image_coverage, "image_used": bool(r.image_used),
                 "values": None if r.values is None else [protocol.json_safe_number(v) for v in r.values],
                 **_extra(r)} for r in results]
         self._json(200, {"task": task, "kind": p.kind, "results": out,
@@ -310,7 +310,7 @@ class _Handler(BaseHTTPRequestHandler):
         results = self._run_model(lambda c: list(p.embed_samples(samples, is_canceled=c)))
         h = p.config.hidden_size
         meta = [{"cell_id": r.cell_id, "sufficient": r.sufficient, "poi_count": r.poi_count,
-                 "image_coverage": r.image_coverage, **_extra(r)} for r in results]
+                 "image_coverage": r.image_coverage, "image_used": bool(r.image_used), **_extra(r)} for r in results]
         frame = protocol.FRAME_CONTENT_TYPE in (self.headers.get("Accept") or "")
         arrays, buffers, offset = {}, [], 0
         for name in extras["return"]:

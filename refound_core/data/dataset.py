@@ -9,6 +9,8 @@ from memory maps, safe in DataLoader workers). Layout, format version 1 (docs/DA
       cells.parquet         one row per cell: cell_id, col, row, bounds, poi_start, poi_count, image_coverage
       pois.arrow            Arrow IPC file (memory-mapped): name, category, x, y, value.<field>...
       images.u8             raw uint8 [N, S, S, 3] (row 0 = north; zeros where there is no image)
+      image_valid.bits      pixel validity of partial chips: np.packbits of bool [S, S] per cell
+                            (read only for cells with 0 < image_coverage < 1; absent in older folders)
       labels.parquet        cell_id + one float64 column per label (NaN = unknown) + auxiliary columns
       category_vocab.json   CategoryVocab of the POI categories (refound_core.data.vocab)
       tokenizer/            PoiTokenizer extended with the data's CJK characters (refound_core.data.tokenizer)
@@ -34,6 +36,7 @@ META = "meta.json"
 CELLS = "cells.parquet"
 POIS = "pois.arrow"
 IMAGES = "images.u8"
+IMAGE_VALID = "image_valid.bits"
 LABELS = "labels.parquet"
 VOCAB = "category_vocab.json"
 TOKENIZER = "tokenizer"
@@ -98,6 +101,8 @@ class RegionDatasetWriter:
         self._poi_sink = pa.OSFile(str(self.tmp / POIS), "wb")
         self._poi_writer = pa.ipc.new_file(self._poi_sink, self._poi_schema)
         self._images = open(self.tmp / IMAGES, "wb")
+        self._valid = open(self.tmp / IMAGE_VALID, "wb")
+        self._valid_bytes = -(-image_size * image_size // 8)
         self._cells_writer = None
         self._labels_writer = None
         self._cell_buf: dict = {k: [] for k in ("cell_id", "col", "row", "xmin", "ymin", "xmax", "ymax",
@@ -130,6 +135,13 @@ class RegionDatasetWriter:
         else:  # a hole, not written zeros: POI-only datasets stay small on disk (sparse file)
             self._images.seek(s * s * 3, os.SEEK_CUR)
             coverage = 0.0
+        if sample.image is not None and sample.image_valid is not None and 0.0 < coverage < 1.0:
+            mask = np.asarray(sample.image_valid, dtype=bool)
+            if mask.shape != (s, s):
+                raise ValueError(f"sample {sample.cell_id}: image_valid {mask.shape}, expected ({s}, {s})")
+            self._valid.write(np.packbits(mask).tobytes())
+        else:  # fully valid (or no image): a hole, as above
+            self._valid.seek(self._valid_bytes, os.SEEK_CUR)
         n = sample.num_pois
         xy = np.asarray(sample.poi_xy, dtype=np.float64).reshape(-1, 2)
         if len(sample.poi_categories) != n or xy.shape[0] != n:
@@ -218,6 +230,8 @@ class RegionDatasetWriter:
         self._poi_sink.close()
         self._images.truncate(self.num_cells * self.image_size ** 2 * 3)  # materialise a trailing hole
         self._images.close()
+        self._valid.truncate(self.num_cells * self._valid_bytes)
+        self._valid.close()
         self._cells_writer.close()
         self._labels_writer.close()
         vocab_info = tok_info = None
@@ -278,7 +292,7 @@ class RegionDatasetWriter:
 
     def abort(self):
         """Drop everything written so far (the target folder is left untouched)."""
-        for h in (self._images, self._poi_sink):
+        for h in (self._images, self._valid, self._poi_sink):
             try:
                 h.close()
             except Exception:
@@ -417,6 +431,7 @@ class RegionDataset:
         pois = self._pois.slice(start, count)
         coverage = float(self.image_coverage[i])
         image = np.array(self._images[i]) if coverage > 0 else None
+        valid = self._image_valid(i) if 0.0 < coverage < 1.0 else None
         xy = np.stack([pois.column("x").to_numpy(), pois.column("y").to_numpy()], axis=1) if count \
             else np.zeros((0, 2), np.float64)
         labels = {k: float(v[i]) for k, v in self.labels.items() if not np.isnan(v[i])}
@@ -424,7 +439,21 @@ class RegionDataset:
             cell_id=self.cell_ids[i], bounds=tuple(float(v) for v in self.bounds[i]), crs=self.crs,
             poi_names=pois.column("name").to_pylist(), poi_categories=pois.column("category").to_pylist(),
             poi_xy=xy.astype(np.float64, copy=False), image=image, image_coverage=coverage, labels=labels,
-            poi_values={f: pois.column(VALUE_PREFIX + f).to_numpy() for f in self.value_fields})
+            poi_values={f: pois.column(VALUE_PREFIX + f).to_numpy() for f in self.value_fields}, image_valid=valid)
+
+    def _image_valid(self, i: int) -> Optional[np.ndarray]:
+        """bool ``[S, S]`` pixel validity of cell ``i`` (None for folders written before the mask was stored)."""
+        path = self.folder / IMAGE_VALID
+        if not path.exists():
+            return None
+        s = self.image_size
+        nbytes = -(-s * s // 8)
+        with open(path, "rb") as fh:
+            fh.seek(i * nbytes)
+            raw = np.frombuffer(fh.read(nbytes), dtype=np.uint8)
+        if raw.size != nbytes:
+            return None
+        return np.unpackbits(raw)[:s * s].reshape(s, s).astype(bool)
 
     @property
     def vocab_path(self) -> Optional[Path]:

@@ -27,6 +27,8 @@ from refound_core.data.zorder import zorder_permutation
 
 TRUNCATIONS = ("random", "official")
 ORDERS = ("zorder", "given")
+#: default share of valid pixels below which a cell counts as having no image (see Featurizer)
+DEFAULT_MIN_IMAGE_COVERAGE = 0.25
 
 
 class NameTokenizer(Protocol):
@@ -64,11 +66,15 @@ class Featurizer:
             loader does with its pre-sorted files).
         zorder_unit_m: raster unit of the Z-ordering in CRS units (paper: 1 m).
         category_pad_id: category id of [P] and padding; default ``category_vocab.PAD_ID`` (0).
+        min_image_coverage: below this share of valid pixels the image modality counts as
+            missing (``has_image`` False, as for a cell outside the imagery): a sliver of image
+            says little about the region and would be read as if it were the whole cell.
     """
 
     def __init__(self, tokenizer: NameTokenizer, category_vocab=None, max_poi_tokens: int = 512,
                  grid_cells: int = 16, truncation: str = "random", *, order: str = "zorder",
-                 zorder_unit_m: float = 1.0, category_pad_id: Optional[int] = None):
+                 zorder_unit_m: float = 1.0, category_pad_id: Optional[int] = None,
+                 min_image_coverage: float = DEFAULT_MIN_IMAGE_COVERAGE):
         if truncation not in TRUNCATIONS:
             raise InputError(f"truncation must be one of {TRUNCATIONS}, got {truncation!r}")
         if order not in ORDERS:
@@ -77,6 +83,9 @@ class Featurizer:
             raise InputError(f"max_poi_tokens must be at least 2 ([P] plus one [SEP]), got {max_poi_tokens}")
         if grid_cells < 1:
             raise InputError(f"grid_cells must be positive, got {grid_cells}")
+        if not 0.0 <= float(min_image_coverage) <= 1.0:
+            raise InputError(f"min_image_coverage must lie in [0, 1], got {min_image_coverage}")
+        self.min_image_coverage = float(min_image_coverage)
         self.tokenizer = tokenizer
         self.category_vocab = category_vocab
         self.max_poi_tokens = int(max_poi_tokens)
@@ -123,11 +132,20 @@ class Featurizer:
         arrays = self._assemble(token_lists, grid, cats)
 
         image = self._image_chw(sample)
+        coverage = float(sample.image_coverage) if image is not None else 0.0
+        usable = image is not None and coverage > 0.0 and coverage >= self.min_image_coverage
+        valid = None
+        if usable and sample.image_valid is not None:
+            valid = np.asarray(sample.image_valid, dtype=bool)
+            if valid.shape != image.shape[1:]:
+                raise InputError(f"region {sample.cell_id}: image_valid mask {list(valid.shape)} does not match "
+                                 f"its image {list(image.shape[1:])}")
+            if valid.all():
+                valid = None
         return EncodedRegion(
-            cell_id=sample.cell_id, **arrays, image=image,
-            has_pois=len(kept_idx) > 0, has_image=bool(image is not None and sample.image_coverage > 0.0),
-            image_coverage=float(sample.image_coverage) if image is not None else 0.0,
-            num_pois=len(kept_idx), num_pois_total=n, labels=dict(sample.labels or {}))
+            cell_id=sample.cell_id, **arrays, image=image if usable else None,
+            has_pois=len(kept_idx) > 0, has_image=usable, image_coverage=coverage,
+            num_pois=len(kept_idx), num_pois_total=n, labels=dict(sample.labels or {}), image_valid=valid)
 
     def collate(self, encoded: Sequence[EncodedRegion], image_size: int, pad_to_multiple: int = 8,
                 pad_to_length: Optional[int] = None) -> dict:
@@ -273,6 +291,8 @@ def collate(encoded: Sequence[EncodedRegion], image_size: int, pad_to_multiple: 
 
     Returns a dict: ``token_ids, word_pos, poi_pos, grid_pos, category_ids`` int64 ``[B, Lp]``;
     ``poi_mask`` bool ``[B, Lp]`` (True = real token); ``image`` uint8 ``[B, 3, S, S]``;
+    ``image_valid`` bool ``[B, S, S]`` pixel validity (only when some region has a partial image;
+    resized nearest-neighbour with its image);
     ``has_pois, has_image`` bool ``[B]``; ``image_coverage`` float32 ``[B]``; ``num_pois`` int64 ``[B]``;
     ``cell_ids`` list of str; ``labels`` dict task -> float32 ``[B]`` (NaN where a region has none).
     """
@@ -312,6 +332,12 @@ def collate(encoded: Sequence[EncodedRegion], image_size: int, pad_to_multiple: 
         if e.image is not None:
             images[row] = _resize_chw(torch.from_numpy(np.ascontiguousarray(e.image)), image_size)
     batch["image"] = images
+    if any(e.image_valid is not None for e in encoded):
+        valid = torch.ones((b, image_size, image_size), dtype=torch.bool)
+        for row, e in enumerate(encoded):
+            if e.image_valid is not None:
+                valid[row] = _resize_mask(torch.from_numpy(np.ascontiguousarray(e.image_valid)), image_size)
+        batch["image_valid"] = valid
     batch["has_pois"] = torch.tensor([bool(e.has_pois) for e in encoded], dtype=torch.bool)
     batch["has_image"] = torch.tensor([bool(e.has_image) for e in encoded], dtype=torch.bool)
     batch["image_coverage"] = torch.tensor([float(e.image_coverage) for e in encoded], dtype=torch.float32)
@@ -332,6 +358,15 @@ def _resize_chw(img, size: int):
         return img
     x = F.interpolate(img[None].float(), size=(size, size), mode="bilinear", align_corners=False, antialias=True)
     return x[0].round_().clamp_(0, 255).to(torch.uint8)
+
+
+def _resize_mask(mask, size: int):
+    """bool [H, W] -> bool [size, size] (nearest neighbour; a no-op at that size)."""
+    import torch.nn.functional as F
+
+    if mask.shape == (size, size):
+        return mask
+    return F.interpolate(mask[None, None].float(), size=(size, size), mode="nearest")[0, 0] > 0.5
 
 
 def length_bucketed_batches(lengths, batch_size: int, shuffle: bool = False,

@@ -37,11 +37,13 @@ PERCENTILES = (2.0, 98.0)
 
 @dataclass
 class Chip:
-    """An RGB chip of one cell: ``image`` uint8 ``[S, S, 3]`` (row 0 = north) or None."""
+    """An RGB chip of one cell: ``image`` uint8 ``[S, S, 3]`` (row 0 = north) or None, and
+    ``valid`` bool ``[S, S]``, True where the pixel holds data (None when every pixel does)."""
 
     image: Optional[np.ndarray]
     coverage: float
     replicated: bool = False
+    valid: Optional[np.ndarray] = None
 
 
 class ChipReader:
@@ -179,7 +181,7 @@ class ChipReader:
             data = vrt.read(list(self.bands))  # [len(bands), S, S] in the source dtype
         rgb = self._to_rgb_uint8(data)
         rgb[~valid] = 0
-        return Chip(rgb, coverage, self.replicated)
+        return Chip(rgb, coverage, self.replicated, None if coverage >= 1.0 else valid)
 
     def _to_rgb_uint8(self, data: np.ndarray) -> np.ndarray:
         if self.paletted:

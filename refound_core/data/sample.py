@@ -27,6 +27,8 @@ class RegionSample:
         image: ``uint8 [H, W, 3]`` RGB chip covering ``bounds`` (row 0 = north), or ``None`` when
             the imagery does not cover the cell at all.
         image_coverage: fraction of the chip's pixels that hold valid data (0 when ``image`` is None).
+        image_valid: optional bool ``[H, W]``: True where the chip's pixel holds data (None = all
+            valid). Pixels outside it never reach the model as colour (docs/INFERENCE.md, coverage).
         labels: optional downstream targets by task name (``urban_village``, ``population``, ``commercial``).
         poi_values: optional per-POI numeric values (e.g. review counts) by field name.
     """
@@ -41,6 +43,7 @@ class RegionSample:
     image_coverage: float = 0.0
     labels: dict = field(default_factory=dict)
     poi_values: dict = field(default_factory=dict)
+    image_valid: Optional[np.ndarray] = None
 
     @property
     def num_pois(self) -> int:
@@ -66,6 +69,7 @@ class EncodedRegion:
         grid 1..G*G (row 0 = north), category id of the POI on all its tokens incl. [SEP].
     Image side:
         image: ``uint8 [3, H, W]`` or None (normalisation happens on the device in the model).
+        image_valid: bool ``[H, W]`` pixel validity, or None when every pixel is valid.
     Flags: has_pois, has_image, image_coverage, num_pois (kept), num_pois_total (before truncation).
     """
 
@@ -82,6 +86,7 @@ class EncodedRegion:
     num_pois: int
     num_pois_total: int
     labels: dict = field(default_factory=dict)
+    image_valid: Optional[np.ndarray] = None
 
     @property
     def num_tokens(self) -> int:

@@ -67,6 +67,8 @@ class AnalysisRequest:
         predictor: an already loaded Predictor to reuse (the plugin keeps one per session).
         block_cells: cells per grid block (unit of the POI join and of distributed sharding).
         max_cells, max_cells_hint: more cells than this is refused, with the hint as what to do.
+        min_image_coverage: a chip with a smaller share of valid pixels is not used (None = the
+            core default, ``featurize.DEFAULT_MIN_IMAGE_COVERAGE``); applies to a loaded model.
     """
 
     checkpoint: Optional[str] = None
@@ -88,6 +90,7 @@ class AnalysisRequest:
     block_cells: int = BLOCK_CELLS
     max_cells: int = DEFAULT_MAX_CELLS
     max_cells_hint: str = "use a smaller extent, a larger cell size, or raise max_cells"
+    min_image_coverage: Optional[float] = None
 
 
 @dataclass
@@ -186,7 +189,8 @@ def _load_model(request: AnalysisRequest, world: int, local_rank: int, timer: _T
         if torch.cuda.is_available():
             device = f"cuda:{local_rank}"
     t0 = time.perf_counter()
-    model = load_predictor(request.checkpoint, device=device, batch_size=request.batch_size)
+    model = load_predictor(request.checkpoint, device=device, batch_size=request.batch_size,
+                           min_image_coverage=request.min_image_coverage)
     timer.add("load", time.perf_counter() - t0)
     return model
 

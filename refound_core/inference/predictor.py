@@ -94,7 +94,8 @@ class Predictor:
         notices: human-readable notices (device fallback, batch-size reductions).
     """
 
-    def __init__(self, checkpoint_dir, device: str = "auto", batch_size: Optional[int] = None):
+    def __init__(self, checkpoint_dir, device: str = "auto", batch_size: Optional[int] = None,
+                 min_image_coverage: Optional[float] = None):
         import torch
 
         from refound_core.model.checkpoint import load_checkpoint
@@ -115,14 +116,14 @@ class Predictor:
         if batch_size is not None and int(batch_size) < 1:
             raise InputError(f"batch size {batch_size} must be a positive integer")
         self.batch_size = int(batch_size or DEFAULT_BATCH_SIZE.get(self.device.type, 16))
-        self.featurizer = self._build_featurizer(ckpt)
+        self.featurizer = self._build_featurizer(ckpt, min_image_coverage)
         self.timings = {"featurize": 0.0, "model": 0.0, "cells": 0, "predicted": 0, "batches": 0,
                         "padded_tokens": 0, "real_tokens": 0}
         self._torch = torch
 
     # ------------------------------------------------------------------ set-up
-    def _build_featurizer(self, ckpt):
-        from refound_core.data.featurize import Featurizer
+    def _build_featurizer(self, ckpt, min_image_coverage: Optional[float] = None):
+        from refound_core.data.featurize import DEFAULT_MIN_IMAGE_COVERAGE, Featurizer
         from refound_core.data.tokenizer import PoiTokenizer
         from refound_core.data.vocab import CategoryVocab
 
@@ -142,7 +143,9 @@ class Predictor:
         opts = dict(self.task_meta.get("featurizer") or {})
         return Featurizer(tokenizer, vocab, max_poi_tokens=self.config.max_poi_tokens,
                           grid_cells=self.config.grid_cells, truncation=opts.get("truncation", "random"),
-                          order=opts.get("order", "zorder"))
+                          order=opts.get("order", "zorder"),
+                          min_image_coverage=DEFAULT_MIN_IMAGE_COVERAGE if min_image_coverage is None
+                          else float(min_image_coverage))
 
     # ------------------------------------------------------------------ description
     @property
@@ -236,7 +239,9 @@ class Predictor:
         encoded = {}
         for i, s in enumerate(window):
             if is_sufficient(s):
-                encoded[i] = self.featurizer.encode(s, cell_rng(s.cell_id))
+                enc = self.featurizer.encode(s, cell_rng(s.cell_id))
+                if enc.has_pois or enc.has_image:  # a sliver of image below the coverage threshold is no data
+                    encoded[i] = enc
         self.timings["featurize"] += time.perf_counter() - t0
         return window, encoded
 
@@ -317,6 +322,7 @@ class Predictor:
                     res["h_S"] = torch.where(presence[:, 1:], out.img_cls, nan)
                     res["fused"] = fused
             res = {k: v.float().cpu().numpy() for k, v in res.items()}
+            res["image_used"] = out.has_image.cpu().numpy()
         self.timings["model"] += time.perf_counter() - t0
         self.timings["batches"] += 1
         self.timings["predicted"] += len(items)
@@ -330,6 +336,7 @@ class Predictor:
                        sufficient=out is not None)
         if out is None:
             return r
+        r.image_used = bool(out.get("image_used", False))
         if "values" in out:
             values = _inverse_target(out["values"].astype(np.float64), self.task_meta)
             r.values = values
@@ -344,7 +351,8 @@ _CACHE: dict = {}
 _CACHE_LOCK = threading.Lock()
 
 
-def load_predictor(checkpoint_dir, device: str = "auto", batch_size: Optional[int] = None) -> "Predictor":
+def load_predictor(checkpoint_dir, device: str = "auto", batch_size: Optional[int] = None,
+                   min_image_coverage: Optional[float] = None) -> "Predictor":
     """A Predictor loaded once per process and reused (the plugin and the Processing algorithms
     call ``run_analysis`` many times; loading refound_base takes seconds).
 
@@ -357,12 +365,12 @@ def load_predictor(checkpoint_dir, device: str = "auto", batch_size: Optional[in
         stamp = (path / "config.json").stat().st_mtime_ns
     except OSError:
         stamp = None  # let Predictor report the missing/damaged checkpoint
-    key = (str(path), stamp, (device or "auto").lower())
+    key = (str(path), stamp, (device or "auto").lower(), min_image_coverage)
     with _CACHE_LOCK:
         pred = _CACHE.get(key)
         if pred is None:
             _CACHE.clear()
-            pred = Predictor(path, device=device, batch_size=batch_size)
+            pred = Predictor(path, device=device, batch_size=batch_size, min_image_coverage=min_image_coverage)
             if stamp is not None:
                 _CACHE[key] = pred
         elif batch_size:

@@ -20,6 +20,8 @@ class CellResult:
         values: all outputs of the head (``[num_classes]``; equals ``[value]`` for one output).
         poi_count: POIs inside the cell (before any truncation to the model's sequence length).
         image_coverage: fraction of valid imagery pixels in the cell's chip (0 = no imagery).
+        image_used: True when the image modality reached the model: coverage at least the
+            threshold (``--min-image-coverage``, default 0.25) and at least one valid patch.
         sufficient: True when the cell had POIs or imagery. A cell with neither is never run
             through the model as if it had data: its outputs stay NaN (NULL in the file).
         h_P, h_S, fused: float32 ``[H]`` region representations (paper 4.3) when requested:
@@ -37,6 +39,7 @@ class CellResult:
     poi_count: int = 0
     image_coverage: float = 0.0
     sufficient: bool = False
+    image_used: bool = False
     h_P: Optional[np.ndarray] = None
     h_S: Optional[np.ndarray] = None
     fused: Optional[np.ndarray] = None
@@ -49,8 +52,8 @@ def is_sufficient(sample) -> bool:
 
 
 # Fields every sink writes in its own way (geometry, the prediction column, vectors).
-BASE_FIELDS = ("cell_id", "bounds", "crs", "value", "values", "poi_count", "image_coverage", "sufficient",
-               "h_P", "h_S", "fused", "extra")
+BASE_FIELDS = ("cell_id", "bounds", "crs", "value", "values", "poi_count", "image_coverage", "image_used",
+               "sufficient",                "h_P", "h_S", "fused", "extra")
 
 
 def _scalar(v):

@@ -216,7 +216,7 @@ class FileCellSource(CellSource):
         self.timer("poi_join", time.perf_counter() - t0)
         if chips is not None:
             for s, chip in zip(out, chips):
-                s.image, s.image_coverage = chip.image, float(chip.coverage)
+                s.image, s.image_coverage, s.image_valid = chip.image, float(chip.coverage), chip.valid
         return out
 
     def close(self) -> None:

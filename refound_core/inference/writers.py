@@ -31,7 +31,8 @@ from refound_core.inference import styles
 from refound_core.inference.results import CellResult, extra_columns
 
 CELLS_LAYER = "cells"
-GPKG_COLUMNS = ("cell_id", styles.PREDICTION_FIELD, "poi_count", "image_coverage", styles.SUFFICIENT_FIELD)
+GPKG_COLUMNS = ("cell_id", styles.PREDICTION_FIELD, "poi_count", "image_coverage", "image_used",
+                styles.SUFFICIENT_FIELD)
 EMBEDDING_COLUMNS = ("h_P", "h_S", "fused")
 _RESERVOIR = 20_000  # values kept for the style's quantile class breaks (bounded memory)
 
@@ -188,6 +189,7 @@ class GeoPackageWriter(_ChunkedRows):
             values,
             np.array([int(r.poi_count) for r in rows], dtype=np.int32),
             np.array([float(r.image_coverage) for r in rows], dtype=np.float64),
+            np.array([int(bool(r.image_used)) for r in rows], dtype=np.int32),
             np.array([bool(r.sufficient) for r in rows], dtype=bool),
         ]
         self.extra_names, extras = extra_arrays(rows, self.extra_names)
@@ -234,6 +236,7 @@ class GeoPackageWriter(_ChunkedRows):
                 fields = [np.asarray(cols["cell_id"], dtype=object), vals,
                           np.asarray(cols["poi_count"], dtype=np.int32),
                           np.asarray(cols["image_coverage"], dtype=np.float64),
+                          np.asarray(cols["image_used"], dtype=np.int32),
                           np.asarray(cols[styles.SUFFICIENT_FIELD]).astype(bool)]
                 fields += [np.asarray(cols[n]) for n in self.extra_names]
                 self._write_raw(np.asarray(wkb, dtype=object), fields)
@@ -315,7 +318,7 @@ class GeoParquetWriter(_ChunkedRows):
         import pyproj
 
         fields = [("cell_id", pa.string()), ("poi_count", pa.int32()), ("image_coverage", pa.float32()),
-                  ("sufficient", pa.bool_())]
+                  ("image_used", pa.bool_()), ("sufficient", pa.bool_())]
         fields += [(e, pa.list_(pa.float32(), self.hidden_size)) for e in self.embeddings]
         fields += list(zip(self.extra_names or [], self._extra_types))
         fields.append(("geometry", pa.binary()))
@@ -343,6 +346,7 @@ class GeoParquetWriter(_ChunkedRows):
         arrays = [pa.array([r.cell_id for r in rows], pa.string()),
                   pa.array([int(r.poi_count) for r in rows], pa.int32()),
                   pa.array([float(r.image_coverage) for r in rows], pa.float32()),
+                  pa.array([bool(r.image_used) for r in rows], pa.bool_()),
                   pa.array([bool(r.sufficient) for r in rows], pa.bool_())]
         for e in self.embeddings:
             mat = np.full((len(rows), h), np.nan, dtype=np.float32)
@@ -370,7 +374,7 @@ class GeoParquetWriter(_ChunkedRows):
 
         pf = pq.ParquetFile(str(part_path))
         if self.extra_names is None:  # the parts' own extra columns (all parts come from one run)
-            known = {"cell_id", "poi_count", "image_coverage", "sufficient", "geometry", *self.embeddings}
+            known = {"cell_id", "poi_count", "image_coverage", "image_used", "sufficient", "geometry", *self.embeddings}
             extra = [f for f in pf.schema_arrow if f.name not in known]
             self.extra_names, self._extra_types = [f.name for f in extra], [f.type for f in extra]
         self._flush()

@@ -46,6 +46,10 @@ class LossConfig:
         patch_mask_ratio: MGDM share of masked image patches (A.2.1: 40%).
         min_block_patches: BEiT's smallest masking block (16 patches).
         dvlfm_proj_dim: width of mu_POI / mu_Sate (paper: unspecified; 0 = hidden size).
+        teacher_targets: how u_P, u_S and v_S are normalised before distillation: ``centered``
+            (default: minus the corpus mean, which stops the student from collapsing onto the
+            teachers' shared direction), ``zscore``, or ``raw`` (the paper read literally);
+            see ``refound_core.teachers.cache`` and docs/PRETRAINING.md.
     """
 
     dlfm: bool = True
@@ -65,6 +69,7 @@ class LossConfig:
     patch_mask_ratio: float = 0.4
     min_block_patches: int = 16
     dvlfm_proj_dim: int = 0
+    teacher_targets: str = "centered"
 
     def __post_init__(self):
         for name in ("poi_mask_ratio", "mask_token_prob", "random_token_prob", "patch_mask_ratio"):
@@ -72,6 +77,8 @@ class LossConfig:
                 raise ValueError(f"LossConfig.{name} must lie in [0, 1], got {getattr(self, name)}")
         if self.mask_token_prob + self.random_token_prob > 1.0:
             raise ValueError("mask_token_prob + random_token_prob must not exceed 1")
+        if self.teacher_targets not in ("raw", "centered", "zscore"):
+            raise ValueError(f"LossConfig.teacher_targets must be raw, centered or zscore, got {self.teacher_targets!r}")
         if self.temperature <= 0:
             raise ValueError(f"LossConfig.temperature must be positive, got {self.temperature}")
 

@@ -49,6 +49,8 @@ def compute_mgdm(outputs, batch: dict, heads) -> dict:
                        "cache has none: build it, or disable MGDM (--no-mgdm)")
     tokens = batch["visual_tokens"].to(hidden.device)
     keep = masked & (flag(batch, "visual_tokens_valid", hidden) & flag(outputs, "has_image", hidden))[:, None]
+    if getattr(outputs, "patch_valid", None) is not None:
+        keep = keep & outputs.patch_valid  # a patch without image data has no visual token to predict
     patches = hidden[:, lp + 1: lp + 1 + masked.shape[1]]
     img_loss, img_acc = _ce(heads.require("mgdm_sate", "MGDM"), patches[keep], tokens[keep])
     return {"mgdm": poi_loss + img_loss, "mgdm_poi": poi_loss.detach(), "mgdm_img": img_loss.detach(),

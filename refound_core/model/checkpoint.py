@@ -140,6 +140,39 @@ def save_checkpoint(path, model: ReFound, head: Optional[TaskHead] = None, *, ta
     return path
 
 
+TEACHER_ROLES = ("describer", "sentence", "visual", "vl", "tokenizer")
+
+
+def teachers_of(provenance: Optional[dict]) -> dict:
+    """Role -> identity of the teacher each pre-training objective distilled (from a checkpoint's
+    ``provenance.json``; a fine-tuned head's provenance points at its base checkpoint's). Roles:
+    describer + sentence (DLFM), visual (DVFM), vl (DVLFM), tokenizer (MGDM visual tokens).
+    Empty when the checkpoint was not pre-trained here (random init, converted weights)."""
+    prov = provenance or {}
+    teachers = prov.get("teachers") or (prov.get("base_provenance") or {}).get("teachers") or {}
+    out = {}
+    for role in TEACHER_ROLES:
+        entry = teachers.get(role)
+        if isinstance(entry, dict) and entry.get("used"):
+            out[role] = str(entry["used"])
+        elif isinstance(entry, str):
+            out[role] = entry
+    return out
+
+
+def teachers_line(provenance: Optional[dict]) -> str:
+    """One line naming the teachers (names without their long parameter lists) and the target
+    normalisation, for tables and reports; says so when none are recorded."""
+    t = teachers_of(provenance)
+    if not t:
+        return "none recorded (not pre-trained by refound pretrain)"
+    parts = [f"{role}={ident.split('(')[0]}" for role, ident in t.items()]
+    prov = provenance or {}
+    pre = prov.get("pretraining") or (prov.get("base_provenance") or {}).get("pretraining") or {}
+    parts.append(f"targets={pre.get('teacher_targets', 'raw')}")
+    return ", ".join(parts)
+
+
 def checkpoint_identity(path) -> str:
     """A short stable id of a checkpoint's weights (size and modification time of its config and
     weight files), for caches and run journals that must notice a re-written checkpoint. A missing

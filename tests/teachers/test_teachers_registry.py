@@ -14,7 +14,10 @@ from training.commands import teachers as cmd
 
 def test_defaults_are_the_offline_teachers_and_load_nothing():
     t = build_teachers()
-    assert type(t.describer) is TemplateDescriber
+    # DLFM's default describer is the packaged LLM (SmolLM2-135M), not loaded until first used
+    assert type(t.describer).__name__ == "LocalLLMDescriber" and t.describer._model is None
+    assert "SmolLM2-135M-Instruct" in t.describer.identity()
+    assert type(build_teachers({"describer": "template"}).describer) is TemplateDescriber
     assert type(t.sentence).__name__ == "USEEmbedder" and t.sentence._model is None
     assert type(t.visual).__name__ == "EfficientNetLite0Teacher" and t.visual._model is None
     assert t.vl_is_visual and t.vl_teacher is t.visual

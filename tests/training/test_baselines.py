@@ -87,7 +87,7 @@ def _check_result(res, task, split, epochs, dataset):
     assert res.best_epoch == best
     # the returned validation predictions are the selected epoch's
     y_val = dataset.labels[task.label][split.val]
-    assert task_metrics(task.kind, y_val, res.val_pred)[key] == pytest.approx(scores[best], rel=1e-9, abs=1e-12)
+    assert task_metrics(task.kind, y_val, res.val_pred, y_val=y_val, val_pred=res.val_pred)[key] == pytest.approx(scores[best], rel=1e-9, abs=1e-12)
 
 
 @pytest.fixture(autouse=True)

@@ -6,7 +6,7 @@ import pytest
 
 from training.finetune.evaluate import make_split, subsample
 from training.finetune.loop import TargetScaler
-from training.finetune.metrics import binary_metrics, is_better, regression_metrics
+from training.finetune.metrics import binary_metrics, choose_threshold, is_better, regression_metrics, task_metrics
 from training.finetune.tasks import get_task
 
 from tests.training.finetune_fixtures import make_checkpoint, make_dataset
@@ -22,16 +22,83 @@ def tiny(tmp_path_factory):
 
 def test_metrics_against_hand_computation():
     # AUC = fraction of (pos, neg) pairs ranked correctly: pos {0.9, 0.4}, neg {0.5, 0.1} -> 3 of 4
-    m = binary_metrics([1, 1, 0, 0], [0.9, 0.4, 0.5, 0.1])
+    m = binary_metrics([1, 1, 0, 0], [0.9, 0.4, 0.5, 0.1], threshold=0.5)
     assert m["AUC"] == pytest.approx(0.75)
     # threshold 0.5: predicted [1,0,1,0] -> tp 1, fp 1, fn 1 -> F1 = 0.5
-    assert m["F1"] == pytest.approx(0.5)
+    assert m["F1"] == pytest.approx(0.5) and m["threshold"] == 0.5
+    # AUPRC = average precision: positives at ranks 1 (precision 1/1) and 3 (2/3) -> (1 + 2/3) / 2
+    assert m["AUPRC"] == pytest.approx((1 + 2 / 3) / 2)
     r = regression_metrics([1.0, 2.0, 3.0], [1.0, 2.0, 5.0])
     assert r["RMSE"] == pytest.approx(np.sqrt(4 / 3))
     assert r["MAE"] == pytest.approx(2 / 3)
     assert r["R2"] == pytest.approx(1 - 4 / 2)
     assert is_better("regression", {"RMSE": 1.0}, {"RMSE": 2.0})
     assert not is_better("binary", {"AUC": 0.6}, {"AUC": 0.7})
+
+
+def test_f1_threshold_is_chosen_on_validation_not_fixed_at_half():
+    # a head that ranks perfectly but whose probabilities all sit below 0.5 (badly calibrated):
+    # at a fixed 0.5 its F1 would be 0; the threshold chosen on validation recovers F1 = 1
+    y_val, p_val = [1, 1, 0, 0, 0], [0.30, 0.25, 0.10, 0.05, 0.20]
+    assert choose_threshold(y_val, p_val) == pytest.approx(0.25)  # the lowest score keeping F1 = 1
+    y_test, p_test = [1, 0, 1, 0], [0.40, 0.15, 0.28, 0.22]
+    m = task_metrics("binary", y_test, p_test, y_val=y_val, val_pred=p_val)
+    assert m["threshold"] == pytest.approx(0.25) and m["F1"] == pytest.approx(1.0)
+    assert binary_metrics(y_test, p_test, threshold=0.5)["F1"] == 0.0
+    # the threshold comes from validation only: test scores shifted down move nothing but F1
+    shifted = task_metrics("binary", y_test, [p - 0.1 for p in p_test], y_val=y_val, val_pred=p_val)
+    assert shifted["threshold"] == pytest.approx(0.25) and shifted["F1"] == pytest.approx(2 / 3)
+    with pytest.raises(ValueError, match="validation"):
+        task_metrics("binary", y_test, p_test)
+
+
+def test_paired_comparison_against_scipy_and_by_hand():
+    from scipy import stats
+
+    from training.finetune.evaluate import paired_comparison
+
+    a = [0.80, 0.82, 0.79, 0.85, 0.81]
+    b = [0.75, 0.80, 0.78, 0.80, 0.76]
+    d = np.subtract(a, b)
+    c = paired_comparison(a, b, higher_is_better=True)
+    half = stats.t.ppf(0.975, 4) * d.std(ddof=1) / np.sqrt(5)
+    assert c["n"] == 5 and c["mean_diff"] == pytest.approx(d.mean())
+    assert c["ci95"] == pytest.approx([d.mean() - half, d.mean() + half])
+    # t = mean / (sd / sqrt(n)) with 4 degrees of freedom, two-sided
+    t = d.mean() / (d.std(ddof=1) / np.sqrt(5))
+    assert c["p"] == pytest.approx(2 * stats.t.sf(abs(t), 4))
+    assert c["p"] < 0.05 and c["a_better"]
+    # for an error metric the same differences mean A is worse
+    assert not paired_comparison(a, b, higher_is_better=False)["a_better"]
+    # a difference inside the noise is not "better"
+    assert not paired_comparison([0.8, 0.7, 0.9], [0.75, 0.78, 0.85], higher_is_better=True)["a_better"]
+
+
+def test_layer_decay_scales_per_layer():
+    """Head 1, top encoder layer d, each layer below d times the one above, embeddings d^(L+1)."""
+    import torch
+
+    from refound_core.model.config import refound_tiny
+    from refound_core.model.heads import TaskHead
+    from refound_core.model.refound import ReFound
+    from training.finetune.loop import layer_decay_groups
+
+    cfg = refound_tiny(vocab_size=200, num_categories=8)
+    backbone, head = ReFound(cfg), TaskHead(cfg.hidden_size, kind="binary")
+    d, n_layers = 0.5, cfg.num_layers
+    groups = layer_decay_groups(backbone, head, 0.01, d)
+    scale_of = {id(p): g["lr_scale"] for g in groups for p in g["params"]}
+    for name, p in backbone.named_parameters():
+        if name.startswith("encoder.layers."):
+            i = int(name.split(".")[2])
+            assert scale_of[id(p)] == pytest.approx(d ** (n_layers - i)), name
+        elif name.startswith("embeddings."):
+            assert scale_of[id(p)] == pytest.approx(d ** (n_layers + 1)), name
+    for p in head.parameters():
+        assert scale_of[id(p)] == 1.0
+    top = [p for n, p in backbone.named_parameters() if n.startswith(f"encoder.layers.{n_layers - 1}.")]
+    assert top and all(scale_of[id(p)] == pytest.approx(d) for p in top)
+    assert all(isinstance(p, torch.nn.Parameter) for p in top)
 
 
 def test_split_is_random_thirds_disjoint_and_seeded():
@@ -102,7 +169,7 @@ def test_finetune_command_writes_a_predicting_checkpoint(tiny, tmp_path):
     assert rc == 0
     loaded = load_checkpoint(out)
     assert loaded.head is not None and loaded.task["name"] == "urban_village" and loaded.task["kind"] == "binary"
-    assert set(loaded.task["test_metrics"]) == {"AUC", "F1"}
+    assert set(loaded.task["test_metrics"]) == {"AUC", "AUPRC", "F1", "threshold"}
     feat = featurizer_for_checkpoint(loaded)
     enc = [feat.encode(ds[i], np.random.default_rng(0)) for i in range(4)]
     batch = feat.collate(enc, loaded.config.image_size)
@@ -128,8 +195,17 @@ def test_evaluate_writes_tables_with_provenance(tiny, tmp_path):
     rep = json.loads((out / "results.json").read_text())
     runs = rep["tasks"]["population"]["results"]["1.0"]["refound_feature"]["runs"]
     assert len(runs) == 2 and all(np.isfinite(r["RMSE"]) for r in runs)
-    split = json.loads((out / "split.json").read_text())["population"]
-    assert not set(split["train"]) & set(split["test"])
+    splits = json.loads((out / "split.json").read_text())["population"]
+    assert set(splits) == {"run0", "run1"}
+    for split in splits.values():
+        assert not set(split["train"]) & set(split["test"])
+    # every run draws its own split (and the same splits serve every method: paired comparison)
+    assert splits["run0"]["test"] != splits["run1"]["test"]
+    assert [r["split_seed"] for r in runs] == [0, 1]
+    paired = rep["tasks"]["population"]["paired"]["1.0"]
+    assert paired["reference"] == "refound_feature"
+    assert paired["against"]["refound_scratch_feature"]["R2"]["n"] == 2
+    assert "Paired by split" in md
     assert (out / "data_scale.png").stat().st_size > 1000
 
 

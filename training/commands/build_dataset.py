@@ -211,6 +211,7 @@ def build(*, out, pois, imagery=None, extent=None, name_field="name", category_f
                     poi_names=table.names[idx].tolist(), poi_categories=table.categories[idx].tolist(),
                     poi_xy=np.stack([table.x[idx], table.y[idx]], axis=1),
                     image=chip.image if has_image else None, image_coverage=chip.coverage if has_image else 0.0,
+                    image_valid=chip.valid if has_image else None,
                     labels={k: v[i] for k, v in label_values.items() if np.isfinite(v[i])},
                     poi_values={k: v[idx] for k, v in table.values.items()}),
                     aux={k: v[i] for k, v in aux.items()})

@@ -17,6 +17,8 @@ PACKAGES = ("torch", "torchvision", "timm", "transformers", "safetensors", "nump
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.add_argument("--checkpoint", metavar="CKPT", default=None,
+                   help="also report this checkpoint: model, training data and the teachers it was pre-trained with")
 
 
 def _version(mod_name: str):
@@ -75,8 +77,24 @@ def collect() -> dict:
     return report
 
 
+def checkpoint_report(path) -> dict:
+    """What a checkpoint says of itself: preset, parameters, task head, data and teachers."""
+    from refound_core.model.checkpoint import load_checkpoint, teachers_line, teachers_of
+
+    ck = load_checkpoint(path, with_head=True)
+    prov = ck.provenance or {}
+    data = (prov.get("training_data") or {}) if isinstance(prov.get("training_data"), dict) else {}
+    return {"path": str(ck.path), "model": ck.config.name,
+            "parameters": int(sum(p.numel() for p in ck.model.parameters())),
+            "task": (ck.task or {}).get("name"), "training_data": data.get("folder") or prov.get("training_data"),
+            "pretraining": prov.get("pretraining") or (prov.get("base_provenance") or {}).get("pretraining"),
+            "teachers": teachers_of(prov), "teachers_line": teachers_line(prov)}
+
+
 def run(args) -> int:
     report = collect()
+    if args.checkpoint:
+        report["checkpoint"] = checkpoint_report(args.checkpoint)
     if args.json:
         print(json.dumps(report, indent=2))
         return 0
@@ -90,4 +108,12 @@ def run(args) -> int:
     for dist, pkg in report["teachers"]["packages"].items():
         state = f"yes {pkg['version']}" if pkg["installed"] else "no"
         print(f"teacher    {dist:<34}{state:<12}{pkg['role']}")
+    ck = report.get("checkpoint")
+    if ck:
+        print(f"checkpoint {ck['path']}: {ck['model']}, {ck['parameters']:,} parameters"
+              + (f", task head {ck['task']}" if ck["task"] else ""))
+        print(f"  trained on {ck['training_data']}")
+        print(f"  teachers   {ck['teachers_line']}")
+        for role, ident in ck["teachers"].items():
+            print(f"    {role:<10} {ident}")
     return 0

@@ -69,7 +69,7 @@ def run(args) -> int:
     else:
         result, (model, loaded, fusion), scaler = ReFoundFT(ctx).train(task, split, args.seed)
         backbone, head = model.backbone, model.head
-    test = task_metrics(task.kind, y[split.test], result.test_pred)
+    test = task_metrics(task.kind, y[split.test], result.test_pred, y_val=y[split.val], val_pred=result.val_pred)
     print(f"best epoch {result.best_epoch + 1}; test " + " ".join(f"{k} {v:.4f}" for k, v in test.items()))
     meta = {**task.to_dict(), "mode": args.mode, "fusion": fusion, "target_scaler": scaler.to_dict(),
             "test_metrics": test, "best_epoch": result.best_epoch, "split_seed": args.seed,

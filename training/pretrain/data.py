@@ -87,7 +87,7 @@ class PretrainData:
     teacher_folder: Path
 
     @classmethod
-    def open(cls, folder, patches_per_side: int, teachers=None) -> "PretrainData":
+    def open(cls, folder, patches_per_side: int, teachers=None, target_norm: str = "raw") -> "PretrainData":
         from refound_core.data.dataset import RegionDataset
         from refound_core.teachers.cache import TeacherTargets
 
@@ -98,7 +98,7 @@ class PretrainData:
         tokenizer = dataset.load_tokenizer()
         vocab = dataset.load_vocab()
         teacher_folder = find_teacher_cache(folder, patches_per_side, teachers)
-        targets = TeacherTargets.open(teacher_folder)
+        targets = TeacherTargets.open(teacher_folder).normalized(target_norm)
         data = cls(folder, dataset, tokenizer, vocab, targets, teacher_folder)
         data.check(patches_per_side)
         return data

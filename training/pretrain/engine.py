@@ -412,7 +412,7 @@ def _train(cfg: TrainConfig, info: D.DistInfo, resume: bool) -> TrainResult:
         model_cfg = preset(cfg.preset, **cfg.model)
     except (TypeError, ValueError) as exc:
         raise InputError(f"bad model settings for preset {cfg.preset!r}: {exc}") from None
-    data = PretrainData.open(cfg.data, model_cfg.patches_per_side, cfg.teachers)
+    data = PretrainData.open(cfg.data, model_cfg.patches_per_side, cfg.teachers, loss_cfg.teacher_targets)
     model_cfg = model_cfg.replace(vocab_size=data.vocab_size, num_categories=data.num_categories)
     featurizer = data.featurizer(model_cfg)
 
@@ -509,6 +509,7 @@ def _train(cfg: TrainConfig, info: D.DistInfo, resume: bool) -> TrainResult:
         save_state(run_dir, step, module, optimizer, counters, cfg, info)  # a later --resume can extend the run
         if info.is_main:
             prov = {**data.provenance(), "pretraining": {"steps": step, "objectives": list(loss_cfg.active()),
+                                                         "teacher_targets": loss_cfg.teacher_targets,
                                                          "config": str(run_dir / CONFIG_NAME)}}
             _final_checkpoint(out, backbone, data, prov)
             logger.message(f"saved checkpoint {out} after {step} steps ({counters['skipped']} skipped)")
