@@ -38,6 +38,7 @@ from .settings import tr
 MAX_BLOCK_PIXELS = 2048
 # CRSs in metres whose scale is far from true on the ground: a 256 "m" cell would not be 256 m.
 _DISTORTED_PROJECTIONS = ("merc",)
+MAX_CELLS_HINT = "zoom in, use larger cells, or raise the maximum number of cells (Settings)"
 
 
 # ---------------------------------------------------------------------------------------- grid
@@ -115,6 +116,35 @@ def locate_extent(extent: QgsRectangle, extent_crs: QgsCoordinateReferenceSystem
     """``(grid CRS authid, (xmin, ymin, xmax, ymax) in it)`` of an extent, after validation."""
     crs_authid, box, _ = _grid_box(extent, extent_crs, cell_size, transform_context)
     return crs_authid, (box.xMinimum(), box.yMinimum(), box.xMaximum(), box.yMaximum())
+
+
+@dataclass
+class CellPlan:
+    """The cells of an extent as the core grid (``refound_core.data.grid.CellGrid``) lists them,
+    north-west first, row by row; for the region-grid algorithm and the labels of a head."""
+
+    crs_authid: str
+    cell_size: float
+    cells: list
+
+    @property
+    def crs(self) -> QgsCoordinateReferenceSystem:
+        return QgsCoordinateReferenceSystem(self.crs_authid)
+
+    def __len__(self) -> int:
+        return len(self.cells)
+
+
+def plan_grid(extent: QgsRectangle, extent_crs: QgsCoordinateReferenceSystem, cell_size: float,
+              transform_context: Optional[QgsCoordinateTransformContext] = None,
+              max_cells: int = 20000) -> CellPlan:
+    """The cells of the core grid meeting ``extent``; InputError for an unusable extent or more
+    than ``max_cells`` cells (the message gives the count and what to do)."""
+    crs_authid, bounds = locate_extent(extent, extent_crs, cell_size, transform_context)
+    grid = core_grid.CellGrid(crs_authid, cell_size)
+    ranges = grid.ranges_of_bounds(bounds)
+    grid.check_count(ranges, max_cells, tr(MAX_CELLS_HINT))
+    return CellPlan(crs_authid, grid.cell_size, list(grid.cells_of_ranges(ranges)))
 
 
 def count_cells(extent: QgsRectangle, extent_crs: QgsCoordinateReferenceSystem, cell_size: float,

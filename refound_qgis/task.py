@@ -1,16 +1,15 @@
 """The analysis the dock and the Processing algorithms share, and the QgsTask that runs it.
 
-:func:`execute` is the plugin's only analysis path: grid the extent, read the layers into
-RegionSamples (``layer_io``), then run the model where :mod:`refound_qgis.backend` says:
-
-* in QGIS's Python: the core ``Predictor`` that ``refound_core.inference.pipeline.run_analysis``
-  drives (same featurisation, batching, model and per-cell seeding, so the same cell gets the same
-  value as from the CLI), kept loaded for the session; the result layer is written by QGIS, not by
-  the core writers: those use the shapely / pyogrio wheels, which carry their own GEOS / GDAL and,
-  inside the QGIS executables (``qgis``, ``qgis_process``), get QGIS's GEOS / GDAL symbols instead
-  (measured: ``shapely.to_wkb`` fails in ``qgis_process``), and embeddings would be GeoParquet,
-  which QGIS 3.22's GDAL cannot open;
-* in a backend process: one HTTP request per batch (``refound_core.backend.client``).
+:func:`execute` calls ``refound_core.inference.pipeline.run_analysis``, the function behind
+``refound predict`` / ``refound embed``: the grid, its blocks, prefetch, batching, per-cell
+seeding and cancellation are the core's, so the same cell gets the same value from every entry
+point. The plugin brings only its ends: a :class:`~refound_qgis.sources.QgisCellSource` (QGIS
+layers) and a :class:`~refound_qgis.sinks.QgisLayerSink`; the model is the session's in-process
+``Predictor`` or, where :mod:`refound_qgis.backend` says, a ``RemotePredictor`` (same protocol)
+for a backend process. The result layer is written by QGIS, not by the core writers: those use
+the shapely / pyogrio wheels, which inside the QGIS executables get QGIS's GEOS / GDAL symbols
+(measured: ``shapely.to_wkb`` fails in ``qgis_process``), and QGIS 3.22's GDAL cannot open
+GeoParquet.
 
 :class:`AnalysisTask` wraps it in a QgsTask: ``run()`` never touches a widget or a project layer
 (only the snapshots taken on the main thread), reports progress with ``setProgress``, stops within
@@ -148,7 +147,6 @@ def model_name_of(meta: dict) -> str:
 
 # ------------------------------------------------------------------------------------ execute
 _PREDICT_LOCK = threading.Lock()  # one in-process analysis at a time (dock and Processing share the model)
-MAX_CELLS_HINT = "zoom in, use larger cells, or raise the maximum number of cells (Settings)"
 
 
 def inprocess_predictor(checkpoint: str, device: str, batch_size: int, min_image_coverage=None):
@@ -192,7 +190,7 @@ def execute(params: AnalysisParams, progress: Callable[[float], None] = lambda f
     on_runner(remote)
     request = AnalysisRequest(checkpoint=checkpoint or None, task=CORE_TASK[params.task], cell_size=params.cell_size,
                               device=params.device, batch_size=params.batch_size or None, embeddings=("fused",),
-                              max_cells=params.max_cells, max_cells_hint=tr(MAX_CELLS_HINT),
+                              max_cells=params.max_cells, max_cells_hint=tr(layer_io.MAX_CELLS_HINT),
                               min_image_coverage=params.min_image_coverage)
     sink = QgisLayerSink(params.task)
     step = lambda done, total: progress(min(1.0, done / total) if total else 0.0)  # noqa: E731

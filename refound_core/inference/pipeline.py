@@ -87,7 +87,7 @@ class AnalysisRequest:
     batch_size: Optional[int] = None
     embeddings: tuple = ("h_P", "h_S", "fused")
     predictor: object = None
-    block_cells: int = BLOCK_CELLS
+    block_cells: Optional[int] = None  # None = BLOCK_CELLS
     max_cells: int = DEFAULT_MAX_CELLS
     max_cells_hint: str = "use a smaller extent, a larger cell size, or raise max_cells"
     min_image_coverage: Optional[float] = None
@@ -208,7 +208,7 @@ def plan_grid(frame, request) -> tuple:
 def _sample_blocks(request, source, frame, image_size: int, rank: int, world: int, is_canceled):
     """``(blocks of RegionSamples, total cells or None)``: the grid and its blocks (this rank's
     share) when the source located an area, else the source's own blocks."""
-    block_cells = max(1, int(request.block_cells))
+    block_cells = max(1, int(request.block_cells or BLOCK_CELLS))
     if frame.bounds is None:
         return source.own_blocks(block_cells), None
     t0 = time.perf_counter()
@@ -230,6 +230,24 @@ def _sample_blocks(request, source, frame, image_size: int, rank: int, world: in
                 yield source.read_block(cells)
 
     return read(), total
+
+
+def collect_samples(request: AnalysisRequest, source, image_size: int = 256,
+                    cancel: Optional[Callable] = None) -> list:
+    """The RegionSamples of ``source``'s cells (the same grid and blocks as :func:`run_analysis`),
+    without a model: for fitting a head on labelled cells (``frame.keep``)."""
+    from refound_core.inference.predictor import AnalysisCanceled
+
+    source.timer = _Timer().add
+    try:
+        frame = source.locate(request)
+        blocks, _ = _sample_blocks(request, source, frame, int(image_size), 0, 1, cancel)
+        out = [s for block in blocks for s in block]
+    finally:
+        source.close()
+    if cancel is not None and cancel():
+        raise AnalysisCanceled("analysis canceled")
+    return out
 
 
 def run_analysis(request: AnalysisRequest, source=None, model=None, sink=None,

@@ -168,9 +168,12 @@ class _PredictBase(RefoundAlgorithm):
     EXTENT, POIS, NAME_FIELD, CATEGORY_FIELD, IMAGERY = "EXTENT", "POIS", "NAME_FIELD", "CATEGORY_FIELD", "IMAGERY"
     CHECKPOINT, BACKEND, DEVICE, CELL_SIZE, BATCH_SIZE = "CHECKPOINT", "BACKEND", "DEVICE", "CELL_SIZE", "BATCH_SIZE"
     BACKEND_PYTHON, BACKEND_URL, BACKEND_TOKEN, MAX_CELLS = "BACKEND_PYTHON", "BACKEND_URL", "BACKEND_TOKEN", "MAX_CELLS"
+    MIN_IMAGE_COVERAGE = "MIN_IMAGE_COVERAGE"
     OUTPUT = "OUTPUT"
 
     def initAlgorithm(self, config=None):  # noqa: N802
+        from refound_core.data.featurize import DEFAULT_MIN_IMAGE_COVERAGE
+
         self.addParameter(QgsProcessingParameterExtent(self.EXTENT, tr("Extent to analyse")))
         self.addParameter(QgsProcessingParameterFeatureSource(self.POIS, tr("POI layer (points)"),
                                                               [QgsProcessing.TypeVectorPoint]))
@@ -197,6 +200,9 @@ class _PredictBase(RefoundAlgorithm):
         self.addParameter(_advanced(QgsProcessingParameterNumber(
             self.MAX_CELLS, tr("Maximum number of cells"), QgsProcessingParameterNumber.Integer,
             int(settings.value("max_cells")), minValue=1)))
+        self.addParameter(_advanced(QgsProcessingParameterNumber(  # refound --min-image-coverage
+            self.MIN_IMAGE_COVERAGE, tr("Minimum share of valid imagery pixels for the image to be used"),
+            QgsProcessingParameterNumber.Double, DEFAULT_MIN_IMAGE_COVERAGE, minValue=0.0, maxValue=1.0)))
         self.addParameter(QgsProcessingParameterFeatureSink(self.OUTPUT, self.output_name(),
                                                             QgsProcessing.TypeVectorPolygon))
         self.addOutput(QgsProcessingOutputNumber("CELLS", tr("Number of cells")))
@@ -249,6 +255,7 @@ class _PredictBase(RefoundAlgorithm):
             backend_url=self.parameterAsString(parameters, self.BACKEND_URL, context) or "",
             backend_token=self.parameterAsString(parameters, self.BACKEND_TOKEN, context) or "",
             max_cells=self.parameterAsInt(parameters, self.MAX_CELLS, context),
+            min_image_coverage=self.parameterAsDouble(parameters, self.MIN_IMAGE_COVERAGE, context),
             pois=pois,
             imagery=getattr(self, "_imagery", None),
             input_names={"POIs": source.sourceName(), "imagery": getattr(self, "_imagery_name", "")},
@@ -265,13 +272,14 @@ class _PredictBase(RefoundAlgorithm):
         except InputError as exc:
             raise QgsProcessingException(str(exc)) from None
         embed_dim = results.embedding_dim_of(outcome.cells) if self.TASK == "embedding" else 0
-        fields = results.result_fields(embed_dim)
+        extras = results.extra_fields_of(outcome.cells)
+        fields = results.result_fields(embed_dim, extras)
         sink, dest_id = self.parameterAsSink(parameters, self.OUTPUT, context, fields, QgsWkbTypes.Polygon,
                                              results.crs_of(outcome.crs_authid))
         if sink is None:
             raise QgsProcessingException(self.invalidSinkError(parameters, self.OUTPUT))
         predicted = 0
-        for f in results.make_features(outcome.cells, fields, embed_dim):
+        for f in results.make_features(outcome.cells, fields, embed_dim, extras):
             predicted += int(f.attribute(results.SUFFICIENT) or 0)
             sink.addFeature(f, QgsFeatureSink.FastInsert)
         del sink  # flush and close a file output before its style is stored in it
@@ -441,8 +449,8 @@ class TrainTaskHead(RefoundAlgorithm):
                 self.parameterAsString(parameters, self.CATEGORY_FIELD, context), source.sourceName())
             checkpoint, meta = resolve_checkpoint(self.parameterAsFile(parameters, self.CHECKPOINT, context), "embedding")
             ctx = context.transformContext()
-            plan = layer_io.plan_grid(labels.sourceExtent(), labels.sourceCrs(),
-                                      self.parameterAsDouble(parameters, self.CELL_SIZE, context), ctx, 200_000)
+            cell_size = self.parameterAsDouble(parameters, self.CELL_SIZE, context)
+            plan = layer_io.plan_grid(labels.sourceExtent(), labels.sourceCrs(), cell_size, ctx, 200_000)
             targets = label_cells(plan, labels, label_field, ctx)
         except InputError as exc:
             raise QgsProcessingException(str(exc)) from None
@@ -453,11 +461,23 @@ class TrainTaskHead(RefoundAlgorithm):
             raise QgsProcessingException(tr("A binary head needs positive and negative cells; the labels give only "
                                             "one class (without a label field, the polygons' extent must hold "
                                             "cells outside the polygons)."))
-        plan.cells = [c for c in plan.cells if c.id in targets]
+        from refound_core.inference.pipeline import AnalysisRequest, collect_samples
+        from refound_core.inference.predictor import AnalysisCanceled
+
+        from ..sources import QgisCellSource
+
         chip = int((meta.get("model") or {}).get("image_size") or 256)
-        samples = layer_io.build_samples(plan, pois, self._imagery, chip, ctx, feedback.isCanceled,
-                                         lambda f: feedback.setProgress(30.0 * f))
-        if feedback.isCanceled():
+        source = QgisCellSource(pois, self._imagery, labels.sourceExtent(), labels.sourceCrs(), ctx,
+                                keep=lambda c: c.id in targets)
+        try:
+            samples = collect_samples(AnalysisRequest(cell_size=cell_size, max_cells=200_000), source, chip,
+                                      feedback.isCanceled)
+        except AnalysisCanceled:
+            samples = None
+        except InputError as exc:
+            raise QgsProcessingException(str(exc)) from None
+        feedback.setProgress(30.0)
+        if samples is None or feedback.isCanceled():
             raise QgsProcessingException(tr("Canceled; no checkpoint was written."))
         out = self.parameterAsString(parameters, self.OUTPUT, context)
         device = DEVICES[self.parameterAsEnum(parameters, self.DEVICE, context)]
