@@ -97,7 +97,7 @@ class RefoundAlgorithm(QgsProcessingAlgorithm):
         return tr(text)
 
     def icon(self):
-        from ..plugin import plugin_icon
+        from ..icon import plugin_icon
 
         return plugin_icon()
 
