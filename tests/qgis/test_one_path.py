@@ -61,6 +61,11 @@ def test_cli_processing_and_dock_agree(provider, dock, qtbot, project, scene, sc
     assert len(cli) == SCENE_CELLS ** 2
     assert sum(v is not None for v in cli.values()) == IMAGE_COLS * SCENE_CELLS
     assert {"image_coverage", "image_used", "sufficient", "poi_count"} <= set(cli_cols)
+    from qgis.core import QgsVectorLayer
+
+    cli_layer = QgsVectorLayer(f"{cli_out}|layername=cells", "cli", "ogr")
+    used = {f["cell_id"]: (int(f["image_used"]), float(f["image_coverage"])) for f in cli_layer.getFeatures()}
+    assert sorted(set(used.values())) == [(0, 0.0), (1, 1.0)]  # the imagery covers the west columns only
     for name, (vals, cols) in got.items():
         assert cols == cli_cols, name
         assert vals.keys() == cli.keys(), name
