@@ -87,3 +87,17 @@ def test_no_import_cycles():
 def test_cycle_finder_finds_a_cycle():
     # The check above is only meaningful if a cycle is reported.
     assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+
+
+def test_plugin_modules_stay_small_and_hold_no_grid_arithmetic():
+    """refound_qgis: no file over 300 lines, and the grid (ids, blocks) only from refound_core (issue 14)."""
+    import re
+
+    too_long, grid = [], []
+    for path in sorted((REPO / "refound_qgis").rglob("*.py")):
+        text = path.read_text(encoding="utf-8")
+        if text.count("\n") > 300:
+            too_long.append(f"{path.relative_to(REPO)}: {text.count(chr(10))} lines")
+        if re.search(r"class _GridArithmetic|def _cell_ids|math\.floor\([^)]*cell_size", text):
+            grid.append(str(path.relative_to(REPO)))
+    assert too_long == [] and grid == []
