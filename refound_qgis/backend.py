@@ -9,8 +9,8 @@
 * ``auto``: ``inprocess`` when torch imports, else ``local`` when an environment is configured,
   else an actionable error.
 
-The HTTP side uses only ``refound_core.backend.client`` (standard library), so none of this needs
-numpy or torch in QGIS.
+The HTTP side is ``refound_core.backend.remote.RemotePredictor`` (over the stdlib-only client): the
+same predictor protocol as the in-process model, so ``run_analysis`` drives either; no torch in QGIS.
 """
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ import sys
 import tempfile
 import threading
 import time
-from typing import Callable, Optional
+from typing import Optional
 
 from refound_core.errors import InputError
 
@@ -191,64 +191,6 @@ def stop_local_backends() -> None:
         _LOCAL.clear()
 
 
-# ------------------------------------------------------------------------------------ runners
-class HttpRunner:
-    """Predictions from a backend over HTTP, one request per batch (cancel stops within one batch)."""
-
-    def __init__(self, url: str, token: str, description: str):
-        from refound_core.backend.client import BackendClient
-
-        self.client = BackendClient(url, token)
-        self.description = description
-        self.info: Optional[dict] = None
-        self._canceled = False
-
-    def check(self) -> dict:
-        """Health and info of the backend (cached); InputError when it cannot be used."""
-        if self.info is None:
-            from refound_core.backend.client import BackendError
-
-            try:
-                self.client.health()
-                self.info = self.client.info()
-            except BackendError as exc:
-                raise InputError(str(exc)) from None
-        return self.info
-
-    def run(self, samples: list, task: str, batch_size: int, progress: Callable[[float], None],
-            is_canceled: Callable[[], bool]) -> Optional[list]:
-        from refound_core.backend.client import BackendCanceled, BackendError
-
-        out: list = []
-        step = max(1, int(batch_size))
-        for start in range(0, len(samples), step):
-            if is_canceled() or self._canceled:
-                return None
-            chunk = samples[start:start + step]
-            try:
-                if task == "embedding":
-                    got = self.client.embed(chunk, which=("fused",))
-                else:
-                    got = self.client.predict(chunk, task=task)
-            except BackendCanceled:
-                return None
-            except BackendError as exc:
-                raise InputError(str(exc)) from None
-            for s, r in zip(chunk, got):
-                r = dict(r)
-                r.setdefault("bounds", tuple(s.bounds))
-                out.append(r)
-            progress(len(out) / max(1, len(samples)))
-        return out
-
-    def cancel(self) -> None:
-        self._canceled = True
-        try:
-            self.client.cancel()
-        except Exception:  # noqa: BLE001 - the backend may already be gone; cancel is best effort
-            pass
-
-
 def describe_choice(backend: str) -> str:
     ok, detail = torch_in_qgis()
     if backend == "auto":
@@ -256,10 +198,20 @@ def describe_choice(backend: str) -> str:
     return backend
 
 
+def _remote(url: str, token: str, description: str, batch_size: int, embeddings: tuple):
+    from refound_core.backend.remote import RemotePredictor
+
+    model = RemotePredictor(url, token, batch_size=batch_size or 16, embeddings=embeddings, description=description)
+    model.describe()  # health and /info now: an unusable backend is one clear message before any work
+    return model
+
+
 def resolve_backend(backend: str, backend_python: str = "", backend_url: str = "", backend_token: str = "",
-                    checkpoint: str = "", device: str = "auto", batch_size: int = 0):
-    """``("inprocess", None)`` or ``(kind, HttpRunner)`` for the configured choice; InputError when
-    the choice cannot work here (with what to configure instead)."""
+                    checkpoint: str = "", device: str = "auto", batch_size: int = 0,
+                    embeddings: tuple = ("fused",)):
+    """``("inprocess", None)`` (the caller loads the core Predictor) or ``(kind, RemotePredictor)``
+    for the configured choice: the backend's model behind the same predictor protocol. InputError
+    when the choice cannot work here (with what to configure instead)."""
     backend = (backend or "auto").strip().lower()
     if backend not in ("auto", "inprocess", "local", "remote"):
         raise InputError(tr("Unknown backend '{b}'; choose auto, inprocess, local or remote.").format(b=backend))
@@ -268,9 +220,8 @@ def resolve_backend(backend: str, backend_python: str = "", backend_url: str = "
             raise InputError(tr("The running-server backend needs the URL printed by `refound serve`."))
         if not backend_token:
             raise InputError(tr("The running-server backend needs the token from the server's token file."))
-        runner = HttpRunner(backend_url, backend_token, tr("server at {url}").format(url=backend_url))
-        runner.check()
-        return "remote", runner
+        return "remote", _remote(backend_url, backend_token, tr("server at {url}").format(url=backend_url),
+                                 batch_size, embeddings)
     ok, detail = torch_in_qgis()
     if backend == "inprocess" or (backend == "auto" and ok):
         if not ok:
@@ -284,9 +235,7 @@ def resolve_backend(backend: str, backend_python: str = "", backend_url: str = "
                          .format(why=detail))
     python = python_of_environment(backend_python)
     be = local_backend(python, checkpoint, device, batch_size)
-    runner = HttpRunner(be.url, be.token, tr("local backend {py}").format(py=python))
-    runner.check()
-    return "local", runner
+    return "local", _remote(be.url, be.token, tr("local backend {py}").format(py=python), batch_size, embeddings)
 
 
 def sys_python_note() -> str:

@@ -4,7 +4,11 @@ A 3 x 3 grid of region cells coloured along the population ramp, with a POI pin 
 the plugin's idea in one glyph (POIs + imagery -> a value per grid cell).
 """
 from qgis.PyQt.QtCore import QPointF, QRectF, Qt
-from qgis.PyQt.QtGui import QBrush, QColor, QImage, QPainter, QPainterPath, QPen
+import os
+
+from qgis.PyQt.QtGui import QBrush, QColor, QIcon, QImage, QPainter, QPainterPath, QPen, QPixmap
+
+from .settings import plugin_dir
 
 _RAMP = ((255, 255, 178), (254, 204, 92), (253, 141, 60), (240, 59, 32), (189, 0, 38))
 _CELLS = ((0, 1, 2), (1, 3, 2), (2, 4, 3))  # ramp index per cell, rows north to south
@@ -39,6 +43,16 @@ def draw_icon(size: int = 64) -> QImage:
     p.drawEllipse(QPointF(cx, top + 9 * s), 4 * s, 4 * s)
     p.end()
     return img
+
+
+def plugin_icon() -> QIcon:
+    """The plugin icon: icon.png next to the package (zip build) or drawn on the fly (working
+    tree). Here, not in plugin.py, so the Processing provider and algorithms need not import the
+    plugin that imports them."""
+    for cand in (os.path.join(plugin_dir(), "icon.png"), os.path.join(os.path.dirname(plugin_dir()), "icon.png")):
+        if os.path.isfile(cand):
+            return QIcon(cand)
+    return QIcon(QPixmap.fromImage(draw_icon(64)))
 
 
 if __name__ == "__main__":  # python -m refound_qgis.icon OUT.png

@@ -10,24 +10,12 @@ import os
 
 from qgis.core import QgsApplication, QgsSettings
 from qgis.PyQt.QtCore import QCoreApplication, Qt, QTranslator
-from qgis.PyQt.QtGui import QIcon
 from qgis.PyQt.QtWidgets import QAction
 
+from .icon import plugin_icon
 from .settings import plugin_dir, tr
 
 MENU = "&ReFound"
-
-
-def plugin_icon() -> QIcon:
-    """The plugin icon: icon.png next to the package (zip build) or drawn on the fly (working tree)."""
-    for cand in (os.path.join(plugin_dir(), "icon.png"), os.path.join(os.path.dirname(plugin_dir()), "icon.png")):
-        if os.path.isfile(cand):
-            return QIcon(cand)
-    from .icon import draw_icon
-
-    from qgis.PyQt.QtGui import QPixmap
-
-    return QIcon(QPixmap.fromImage(draw_icon(64)))
 
 
 class RefoundPlugin:

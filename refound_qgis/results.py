@@ -2,8 +2,10 @@
 
 Fields (the same for every task and the same as the core's GeoPackage writer, so layers join on
 ``cell_id`` whatever produced them): ``cell_id``, ``prediction`` (double; NULL where not
-predicted), ``poi_count``, ``image_coverage``, ``sufficient`` (1 / 0). The embedding task adds ``emb_000...`` (the fused region embedding,
-paper 4.3) and puts its first principal component in ``prediction`` so the map shows structure.
+predicted), ``poi_count``, ``image_coverage``, ``image_used`` (1 / 0), ``sufficient`` (1 / 0), then any further per-cell
+output the model returns (``refound_core.inference.results.extra_columns``, as the core writers
+do; built in :mod:`refound_qgis.features`). The embedding task adds ``emb_000...`` (the fused region embedding, paper 4.3) and puts its
+first principal component in ``prediction`` so the map shows structure.
 
 Styling reuses ``refound_core.inference.styles`` (the same QML the GeoPackage writer embeds):
 a probability ramp with the 0.5 break for urban villages, quantile-graduated ramps for population
@@ -13,134 +15,42 @@ and commercial activeness, and a transparent grey hatch for insufficient cells. 
 from __future__ import annotations
 
 import datetime as _dt
-import math
 import os
 import tempfile
-from typing import Iterable, Optional, Sequence
+from typing import Optional, Sequence
 
 from qgis.core import (
     QgsCoordinateReferenceSystem,
-    QgsFeature,
-    QgsField,
-    QgsFields,
-    QgsGeometry,
     QgsLayerMetadata,
     QgsLayerTreeLayer,
     QgsProject,
-    QgsRectangle,
     QgsVectorFileWriter,
     QgsVectorLayer,
     QgsWkbTypes,
 )
-from qgis.PyQt.QtCore import QVariant
 from qgis.PyQt.QtXml import QDomDocument
 
 from refound_core.errors import InputError
 from refound_core.inference import styles
 
+from .features import (  # noqa: F401 - results' interface: fields and features of the cells
+    CELL_ID,
+    EMBEDDING_PREFIX,
+    IMAGE_COVERAGE,
+    IMAGE_USED,
+    POI_COUNT,
+    PREDICTION,
+    SUFFICIENT,
+    _number,
+    embedding_dim_of,
+    extra_fields_of,
+    first_principal_component,
+    make_features,
+    result_fields,
+)
 from .settings import task_label, tr
 
-PREDICTION, CELL_ID, POI_COUNT, IMAGE_COVERAGE, SUFFICIENT = (
-    "prediction", "cell_id", "poi_count", "image_coverage", "sufficient")
-EMBEDDING_PREFIX = "emb_"
 CELLS_LAYER = "cells"  # the GeoPackage layer name, as the core writer's
-
-
-def _get(obj, name, default=None):
-    return obj.get(name, default) if isinstance(obj, dict) else getattr(obj, name, default)
-
-
-def result_fields(embedding_dim: int = 0) -> QgsFields:
-    # Same names and order as the core's GeoPackage writer (refound_core.inference.writers).
-    fields = QgsFields()
-    fields.append(QgsField(CELL_ID, QVariant.String, "string", 80))
-    fields.append(QgsField(PREDICTION, QVariant.Double, "double", 20, 8))
-    fields.append(QgsField(POI_COUNT, QVariant.Int, "integer"))
-    fields.append(QgsField(IMAGE_COVERAGE, QVariant.Double, "double", 10, 4))
-    fields.append(QgsField(SUFFICIENT, QVariant.Int, "integer"))
-    for i in range(embedding_dim):
-        fields.append(QgsField(f"{EMBEDDING_PREFIX}{i:03d}", QVariant.Double, "double"))
-    return fields
-
-
-def _number(v) -> Optional[float]:
-    if v is None:
-        return None
-    try:
-        f = float(v)
-    except (TypeError, ValueError):
-        return None
-    return f if math.isfinite(f) else None
-
-
-def _vector(v) -> Optional[list]:
-    """``v`` as a list of floats when it is a vector, else None."""
-    if v is None or isinstance(v, (int, float, str)):
-        return None
-    try:
-        return [float(x) for x in list(v)]
-    except (TypeError, ValueError):
-        return None
-
-
-def _embedding(c) -> Optional[list]:
-    """The cell's fused region embedding (CellResult.fused, or a vector ``value``), or None."""
-    vec = _vector(_get(c, "fused"))
-    return vec if vec is not None else _vector(_get(c, "value"))
-
-
-def first_principal_component(vectors: Sequence[Optional[list]]) -> list:
-    """PC1 score of each vector (None stays None); sign fixed so the largest loading is positive."""
-    import numpy as np
-
-    rows = [i for i, v in enumerate(vectors) if v is not None and all(math.isfinite(x) for x in v)]
-    out: list = [None] * len(vectors)
-    if not rows:
-        return out
-    x = np.asarray([vectors[i] for i in rows], dtype=np.float64)
-    x = x - x.mean(axis=0, keepdims=True)
-    if len(rows) == 1 or not np.any(x):
-        for i in rows:
-            out[i] = 0.0
-        return out
-    _, _, vt = np.linalg.svd(x, full_matrices=False)
-    pc = vt[0] * (1.0 if vt[0][np.argmax(np.abs(vt[0]))] >= 0 else -1.0)
-    for i, score in zip(rows, x @ pc):
-        out[i] = float(score)
-    return out
-
-
-def make_features(cells: Iterable, fields: QgsFields, embedding_dim: int = 0) -> list:
-    """QgsFeatures for CellResult-like objects or backend dicts (``cell_id``, ``bounds``,
-    ``value``, ``poi_count``, ``image_coverage``, ``sufficient``; ``fused`` for embeddings)."""
-    cells = list(cells)
-    vectors = [_embedding(c) for c in cells] if embedding_dim else []
-    pc1 = first_principal_component(vectors) if embedding_dim else []
-    feats = []
-    for k, c in enumerate(cells):
-        f = QgsFeature(fields)
-        f.setGeometry(QgsGeometry.fromRect(QgsRectangle(*[float(v) for v in _get(c, "bounds")])))
-        sufficient = bool(_get(c, "sufficient", True))
-        if embedding_dim:
-            value = pc1[k] if sufficient else None
-        else:
-            value = _number(_get(c, "value")) if sufficient else None
-        attrs = [str(_get(c, "cell_id")), value, int(_get(c, "poi_count", 0) or 0),
-                 float(_get(c, "image_coverage", 0.0) or 0.0), 1 if sufficient else 0]
-        if embedding_dim:
-            vec = vectors[k] if sufficient else None
-            attrs += (vec if vec is not None and len(vec) == embedding_dim else [None] * embedding_dim)
-        f.setAttributes(attrs)
-        feats.append(f)
-    return feats
-
-
-def embedding_dim_of(cells: Sequence) -> int:
-    for c in cells:
-        v = _embedding(c)
-        if v is not None:
-            return len(v)
-    return 0
 
 
 def layer_title(task: str, model_name: str, when: Optional[_dt.datetime] = None) -> str:
@@ -152,12 +62,13 @@ def layer_title(task: str, model_name: str, when: Optional[_dt.datetime] = None)
 
 def memory_layer(cells: Sequence, crs_authid: str, title: str, embeddings: bool = False) -> QgsVectorLayer:
     dim = embedding_dim_of(cells) if embeddings else 0
-    fields = result_fields(dim)
+    extras = extra_fields_of(cells)
+    fields = result_fields(dim, extras)
     layer = QgsVectorLayer(f"Polygon?crs={crs_authid}", title, "memory")
     pr = layer.dataProvider()
     pr.addAttributes(fields.toList())
     layer.updateFields()
-    pr.addFeatures(make_features(cells, layer.fields(), dim))
+    pr.addFeatures(make_features(cells, layer.fields(), dim, extras))
     layer.updateExtents()
     return layer
 
@@ -188,7 +99,7 @@ def write_geopackage(layer: QgsVectorLayer, path: str, task: str = "", kind: Opt
     try:
         err, msg, _, _ = QgsVectorFileWriter.writeAsVectorFormatV3(
             layer, tmp, QgsProject.instance().transformContext(), opts)
-        if err != QgsVectorFileWriter.NoError:
+        if err != QgsVectorFileWriter.WriterError.NoError:
             raise InputError(tr("Writing {path} failed: {msg}").format(path=path, msg=msg))
         if task:
             written = QgsVectorLayer(f"{tmp}|layername={CELLS_LAYER}", layer.name(), "ogr")
@@ -277,4 +188,4 @@ def crs_of(authid: str) -> QgsCoordinateReferenceSystem:
 
 
 def is_polygon_layer(layer) -> bool:
-    return isinstance(layer, QgsVectorLayer) and layer.geometryType() == QgsWkbTypes.PolygonGeometry
+    return isinstance(layer, QgsVectorLayer) and layer.geometryType() == QgsWkbTypes.GeometryType.PolygonGeometry

@@ -1,16 +1,15 @@
 """The analysis the dock and the Processing algorithms share, and the QgsTask that runs it.
 
-:func:`execute` is the plugin's only analysis path: grid the extent, read the layers into
-RegionSamples (``layer_io``), then run the model where :mod:`refound_qgis.backend` says:
-
-* in QGIS's Python: the core ``Predictor`` that ``refound_core.inference.pipeline.run_analysis``
-  drives (same featurisation, batching, model and per-cell seeding, so the same cell gets the same
-  value as from the CLI), kept loaded for the session; the result layer is written by QGIS, not by
-  the core writers: those use the shapely / pyogrio wheels, which carry their own GEOS / GDAL and,
-  inside the QGIS executables (``qgis``, ``qgis_process``), get QGIS's GEOS / GDAL symbols instead
-  (measured: ``shapely.to_wkb`` fails in ``qgis_process``), and embeddings would be GeoParquet,
-  which QGIS 3.22's GDAL cannot open;
-* in a backend process: one HTTP request per batch (``refound_core.backend.client``).
+:func:`execute` calls ``refound_core.inference.pipeline.run_analysis``, the function behind
+``refound predict`` / ``refound embed``: the grid, its blocks, prefetch, batching, per-cell
+seeding and cancellation are the core's, so the same cell gets the same value from every entry
+point. The plugin brings only its ends: a :class:`~refound_qgis.sources.QgisCellSource` (QGIS
+layers) and a :class:`~refound_qgis.sinks.QgisLayerSink`; the model is the session's in-process
+``Predictor`` or, where :mod:`refound_qgis.backend` says, a ``RemotePredictor`` (same protocol)
+for a backend process. The result layer is written by QGIS, not by the core writers: those use
+the shapely / pyogrio wheels, which inside the QGIS executables get QGIS's GEOS / GDAL symbols
+(measured: ``shapely.to_wkb`` fails in ``qgis_process``), and QGIS 3.22's GDAL cannot open
+GeoParquet.
 
 :class:`AnalysisTask` wraps it in a QgsTask: ``run()`` never touches a widget or a project layer
 (only the snapshots taken on the main thread), reports progress with ``setProgress``, stops within
@@ -44,9 +43,6 @@ from .settings import task_label, tr
 
 CORE_TASK = {"urban_village": "urban_village", "population": "population", "commercial": "commercial",
              "embedding": "embed"}
-POI_SHARE = 0.05     # progress bar share of the POI read
-SAMPLES_SHARE = 0.3  # share of each block's progress for reading imagery (the rest is the model)
-BLOCK_CELLS = 256    # cells per block: imagery chips and model batches of one block are in memory
 
 
 class Canceled(Exception):
@@ -75,6 +71,7 @@ class AnalysisParams:
     input_layer_ids: list = field(default_factory=list)
     input_names: dict = field(default_factory=dict)
     transform_context: Optional[QgsCoordinateTransformContext] = None
+    min_image_coverage: Optional[float] = None  # None = the core default (featurize.DEFAULT_MIN_IMAGE_COVERAGE)
 
 
 @dataclass
@@ -148,51 +145,34 @@ def model_name_of(meta: dict) -> str:
     return str((meta.get("model") or {}).get("name") or "refound")
 
 
-# ------------------------------------------------------------------------------------ in-process
+# ------------------------------------------------------------------------------------ execute
 _PREDICT_LOCK = threading.Lock()  # one in-process analysis at a time (dock and Processing share the model)
 
 
-def inprocess_predictor(checkpoint: str, device: str, batch_size: int):
+def inprocess_predictor(checkpoint: str, device: str, batch_size: int, min_image_coverage=None):
     """The session's Predictor (``refound_core``'s cache: loaded once, reloaded when the
     checkpoint's config.json changes, one model in memory)."""
     from refound_core.inference.predictor import load_predictor
 
-    return load_predictor(checkpoint, device=device, batch_size=batch_size or None)
+    return load_predictor(checkpoint, device=device, batch_size=batch_size or None,
+                          min_image_coverage=min_image_coverage)
 
 
-def _run_inprocess(params: AnalysisParams, checkpoint: str, samples: list, progress, is_canceled) -> dict:
-    """The core Predictor's stream (featurisation, batching, model: what run_analysis runs) over
-    one block of in-memory samples; the layer is then written by QGIS (see the module docstring).
-    ``progress`` gets the fraction of this block done."""
-    from refound_core.inference.predictor import AnalysisCanceled
-
-    total = max(1, len(samples))
-    with _PREDICT_LOCK:
-        predictor = inprocess_predictor(checkpoint, params.device, params.batch_size)
-        if params.batch_size:
-            predictor.batch_size = int(params.batch_size)
-        step = lambda done, _t=None: progress(min(1.0, done / total))  # noqa: E731
-        try:
-            if params.task == "embedding":
-                stream = predictor.embed_samples(samples, progress=step, is_canceled=is_canceled)
-            else:
-                stream = predictor.predict_samples(samples, task=params.task, progress=step, is_canceled=is_canceled)
-            cells = list(stream)
-        except AnalysisCanceled:
-            raise Canceled() from None
-    return {"cells": cells, "kind": predictor.kind, "notices": list(predictor.notices), "model": predictor.config.name,
-            "device": f"{predictor.device} ({predictor.precision.dtype_name})"}
-
-
-# ------------------------------------------------------------------------------------ execute
 def execute(params: AnalysisParams, progress: Callable[[float], None] = lambda f: None,
             is_canceled: Callable[[], bool] = lambda: False, on_runner: Callable = lambda r: None) -> AnalysisOutcome:
-    """Run one analysis (worker thread safe). Raises InputError (bad input), Canceled.
+    """Run one analysis (worker thread safe) through ``refound_core.inference.pipeline.run_analysis``
+    (the CLI's path) with a :class:`~refound_qgis.sources.QgisCellSource` and a
+    :class:`~refound_qgis.sinks.QgisLayerSink`. Raises InputError (bad input), Canceled.
 
-    ``progress`` gets a fraction in [0, 1]; ``on_runner`` receives the HTTP runner (if any) so a
-    cancel can also be sent to the backend.
+    ``progress`` gets a fraction in [0, 1]; ``on_runner`` receives the backend's predictor (if
+    any) so a cancel can also be sent to the backend.
     """
+    from refound_core.inference.pipeline import AnalysisRequest, run_analysis
+    from refound_core.inference.predictor import AnalysisCanceled
+
     from .backend import resolve_backend
+    from .sinks import QgisLayerSink
+    from .sources import QgisCellSource
 
     if params.task not in CORE_TASK:
         raise InputError(tr("Unknown task '{t}'.").format(t=params.task))
@@ -200,69 +180,45 @@ def execute(params: AnalysisParams, progress: Callable[[float], None] = lambda f
         raise InputError(tr("No POI layer is selected; add a point layer of POIs to the project and pick it "
                             "in the ReFound panel."))
     ctx = params.transform_context or QgsProject.instance().transformContext()
-    plan = layer_io.plan_grid(params.extent, params.extent_crs, params.cell_size, ctx, params.max_cells)
-    if params.imagery is not None:
-        layer_io.check_imagery_covers(params.imagery, plan, ctx)
+    source = QgisCellSource(params.pois, params.imagery, params.extent, params.extent_crs, ctx)
+    layer_io.locate_extent(params.extent, params.extent_crs, params.cell_size, ctx)  # bad extent: before any load
     checkpoint, meta = "", {}
     if params.backend != "remote":
         checkpoint, meta = resolve_checkpoint(params.checkpoint_dir, params.task)
-    kind_, runner = resolve_backend(params.backend, params.backend_python, params.backend_url, params.backend_token,
-                                    checkpoint, params.device, params.batch_size)
-    on_runner(runner)
-    chip = int((meta.get("model") or {}).get("image_size") or 0)
-    model_name = model_name_of(meta) if meta else ""
-    head_kind = (meta.get("head") or {}).get("kind")
-    classes = (meta.get("task") or {}).get("classes")
-    if runner is not None:  # a backend: its /info describes the model it serves
-        info = runner.check()
-        chip = chip or int(info.get("image_size") or 256)
-        model_name = model_name or str(info.get("model") or "refound")
-        head_kind = head_kind or info.get("kind")
-        classes = classes or info.get("classes")
+    kind_, remote = resolve_backend(params.backend, params.backend_python, params.backend_url, params.backend_token,
+                                    checkpoint, params.device, params.batch_size, embeddings=("fused",))
+    on_runner(remote)
+    request = AnalysisRequest(checkpoint=checkpoint or None, task=CORE_TASK[params.task], cell_size=params.cell_size,
+                              device=params.device, batch_size=params.batch_size or None, embeddings=("fused",),
+                              max_cells=params.max_cells, max_cells_hint=tr(layer_io.MAX_CELLS_HINT),
+                              min_image_coverage=params.min_image_coverage)
+    sink = QgisLayerSink(params.task)
+    step = lambda done, total: progress(min(1.0, done / total) if total else 0.0)  # noqa: E731
     if is_canceled():
         raise Canceled()
-    outcome = AnalysisOutcome(task=params.task, crs_authid=plan.crs_authid, n_cells=len(plan), model_name=model_name,
-                              checkpoint=checkpoint or params.backend_url, backend=kind_,
-                              kind=head_kind or ("binary" if params.task == "urban_village" else "regression"),
-                              classes=classes)
-    # POIs are read once (one spatial request); imagery and the model go block by block of cells,
-    # so memory stays bounded by one block of chips whatever the extent.
-    binned = layer_io.read_pois(params.pois, plan, ctx, is_canceled)
-    progress(POI_SHARE)
-    total, done, device = max(1, len(plan)), 0, ""
-    for block in plan.row_blocks(BLOCK_CELLS):
-        if is_canceled():
-            raise Canceled()
-        n = len(block)
-
-        def block_progress(f, done=done, n=n):
-            progress(POI_SHARE + (1.0 - POI_SHARE) * (done + n * f) / total)
-
-        samples = layer_io.build_samples(block, None, params.imagery, chip or 256, ctx, is_canceled,
-                                         lambda f: block_progress(SAMPLES_SHARE * f), binned=binned)
-        if is_canceled():
-            raise Canceled()
-        model_progress = lambda f: block_progress(SAMPLES_SHARE + (1.0 - SAMPLES_SHARE) * f)  # noqa: E731
-        if runner is None:
-            got = _run_inprocess(params, checkpoint, samples, model_progress, is_canceled)
-            outcome.cells.extend(got["cells"])
-            outcome.kind = got.get("kind") or outcome.kind
-            outcome.model_name = got.get("model") or outcome.model_name
-            outcome.notices = [m for m in got.get("notices", []) if m not in outcome.notices] + outcome.notices
-            device = got.get("device", "")
+    try:
+        if remote is None:
+            with _PREDICT_LOCK:
+                model = inprocess_predictor(checkpoint, params.device, params.batch_size, params.min_image_coverage)
+                result = run_analysis(request, source, model, sink, step, cancel=is_canceled)
         else:
-            cells = runner.run(samples, params.task, params.batch_size, model_progress, is_canceled)
-            if cells is None:
-                raise Canceled()
-            outcome.cells.extend(cells)
-        done += n
+            result = run_analysis(request, source, remote, sink, step, cancel=is_canceled)
+    except AnalysisCanceled:
+        raise Canceled() from None
     if is_canceled():
         raise Canceled()
-    predicted = sum(1 for c in outcome.cells if results._get(c, "sufficient"))
-    where = device or (runner.description if runner is not None else "")
-    outcome.summary = tr("{n} cells, {p} predicted, on {where}").format(n=len(outcome.cells), p=predicted, where=where)
-    progress(1.0)
-    return outcome
+    where = result.device or (remote.description if remote is not None else "")
+    if result.precision and remote is None:
+        where = f"{where} ({result.precision})"
+    return AnalysisOutcome(
+        task=params.task, crs_authid=result.crs, n_cells=result.cells,
+        model_name=str(result.model.get("model") or (model_name_of(meta) if meta else "refound")),
+        checkpoint=checkpoint or params.backend_url, backend=kind_,
+        kind=result.kind or (meta.get("head") or {}).get("kind")
+        or ("binary" if params.task == "urban_village" else "regression"),
+        classes=result.classes or (meta.get("task") or {}).get("classes"), cells=sink.cells,
+        summary=tr("{n} cells, {p} predicted, on {where}").format(n=result.cells, p=result.predicted, where=where),
+        notices=list(result.notices))
 
 
 def materialize_outcome(params: AnalysisParams, outcome: AnalysisOutcome) -> QgsVectorLayer:

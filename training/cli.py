@@ -28,9 +28,9 @@ COMMANDS = {
     "evaluate": ("training.commands.evaluate", "run the paper's evaluation protocol: splits, runs, baselines, tables"),
     "ablate": ("training.commands.ablate", "ablation study (paper 5.2.2, Figure 3): pre-train and evaluate each variant"),
     "attention-view": ("training.commands.attention_view", "draw POI -> image-patch attention on a cell (paper 5.2.3, Figure 4)"),
-    "predict": ("training.commands.predict", "predict a task over an extent to a styled GeoPackage"),
-    "embed": ("training.commands.embed", "compute region embeddings over an extent to GeoParquet"),
-    "serve": ("training.commands.serve", "run the local model backend for the QGIS plugin (loopback, token)"),
+    "predict": ("refound_core.inference.commands.predict", "predict a task over an extent to a styled GeoPackage"),
+    "embed": ("refound_core.inference.commands.embed", "compute region embeddings over an extent to GeoParquet"),
+    "serve": ("refound_core.inference.commands.serve", "run the local model backend for the QGIS plugin (loopback, token)"),
     "convert-paddle": ("training.commands.convert_paddle", "convert official PaddlePaddle ReFound weights to a checkpoint"),
 }
 

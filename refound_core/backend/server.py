@@ -296,9 +296,9 @@ class _Handler(BaseHTTPRequestHandler):
         t0 = time.perf_counter()
         results = self._run_model(lambda c: list(p.predict_samples(samples, task=task, is_canceled=c)))
         out = [{"cell_id": r.cell_id, "value": protocol.json_safe_number(r.value), "sufficient": r.sufficient,
-                "poi_count": r.poi_count, "image_coverage": r.image_coverage,
-                "values": None if r.values is None else [protocol.json_safe_number(v) for v in r.values]}
-               for r in results]
+                "poi_count": r.poi_count, "image_coverage": r.image_coverage, "image_used": bool(r.image_used),
+                "values": None if r.values is None else [protocol.json_safe_number(v) for v in r.values],
+                **_extra(r)} for r in results]
         self._json(200, {"task": task, "kind": p.kind, "results": out,
                          "seconds": round(time.perf_counter() - t0, 4)})
 
@@ -310,7 +310,7 @@ class _Handler(BaseHTTPRequestHandler):
         results = self._run_model(lambda c: list(p.embed_samples(samples, is_canceled=c)))
         h = p.config.hidden_size
         meta = [{"cell_id": r.cell_id, "sufficient": r.sufficient, "poi_count": r.poi_count,
-                 "image_coverage": r.image_coverage} for r in results]
+                 "image_coverage": r.image_coverage, "image_used": bool(r.image_used), **_extra(r)} for r in results]
         frame = protocol.FRAME_CONTENT_TYPE in (self.headers.get("Accept") or "")
         arrays, buffers, offset = {}, [], 0
         for name in extras["return"]:
@@ -329,6 +329,13 @@ class _Handler(BaseHTTPRequestHandler):
             self._send(200, protocol.pack_frame(header, buffers), protocol.FRAME_CONTENT_TYPE)
         else:
             self._json(200, header)
+
+
+def _extra(result) -> dict:
+    """The per-cell outputs beyond the fixed ones (``results.extra_columns``), JSON-safe."""
+    from refound_core.inference.results import extra_columns
+
+    return {k: protocol.json_safe_number(v) if isinstance(v, float) else v for k, v in extra_columns(result).items()}
 
 
 def _to_region_sample(s: protocol.WireSample):

@@ -107,7 +107,111 @@ def _check_order(xmin, ymin, xmax, ymax, geographic: bool, what: str = "extent")
                          "give an extent with an area")
 
 
-class Grid:
+class CellGrid:
+    """The grid arithmetic, once, without pyproj: ids, bounds, point -> cell, extent -> cells, blocks.
+
+    :class:`Grid` adds CRS validation and reprojection (pyproj) on top. Callers that handle the
+    CRS themselves use this class directly: inside QGIS the CRS is QGIS's business, and pyproj (a
+    second PROJ) crashed when first used from a QgsTask worker thread.
+
+    Args:
+        crs: the grid CRS as an authority string (``"EPSG:32650"``), trusted to be metric.
+        cell_size: side of a cell in metres (paper: 256).
+    """
+
+    def __init__(self, crs: str, cell_size: float = DEFAULT_CELL_SIZE, max_cells: int = DEFAULT_MAX_CELLS):
+        try:
+            cell_size = float(cell_size)
+        except (TypeError, ValueError):
+            raise InputError(f"cell size {cell_size!r} must be a number of metres") from None
+        if not (cell_size > 0 and math.isfinite(cell_size)):
+            raise InputError(f"cell size {cell_size!r} must be a positive number of metres (paper: 256)")
+        self.crs = str(crs)
+        self.cell_size = cell_size
+        self.max_cells = int(max_cells)
+        self._size_token = f"{cell_size:g}"
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(crs={self.crs!r}, cell_size={self.cell_size:g})"
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, CellGrid) and other.crs == self.crs and other.cell_size == self.cell_size
+
+    def __hash__(self) -> int:
+        return hash((self.crs, self.cell_size))
+
+    # ------------------------------------------------------------------ cells
+    def cell_id(self, col: int, row: int) -> str:
+        return f"{self.crs}/{self._size_token}/{int(col)}_{int(row)}"
+
+    def cell(self, col: int, row: int) -> Cell:
+        s = self.cell_size
+        col, row = int(col), int(row)
+        return Cell(self.cell_id(col, row), col, row, (col * s, row * s, (col + 1) * s, (row + 1) * s), self.crs)
+
+    def cell_indices(self, x, y) -> tuple:
+        """Vectorised ``(col, row)`` int64 arrays of the cells holding points ``(x, y)`` (grid CRS)."""
+        s = self.cell_size
+        return (np.floor(np.asarray(x, dtype=np.float64) / s).astype(np.int64),
+                np.floor(np.asarray(y, dtype=np.float64) / s).astype(np.int64))
+
+    def ranges_of_bounds(self, bounds: Sequence[float]) -> tuple:
+        """``(col0, col1, row0, row1)``, half-open, of the cells meeting ``bounds`` (grid CRS) with an area."""
+        bx0, by0, bx1, by1 = (float(v) for v in bounds)
+        s = self.cell_size
+        col0, row0 = math.floor(bx0 / s), math.floor(by0 / s)
+        col1, row1 = max(math.ceil(bx1 / s), col0 + 1), max(math.ceil(by1 / s), row0 + 1)
+        return col0, col1, row0, row1
+
+    def bounds_of_ranges(self, ranges: tuple) -> tuple:
+        """``(xmin, ymin, xmax, ymax)`` covered by the cells of ``ranges``."""
+        col0, col1, row0, row1 = ranges
+        s = self.cell_size
+        return col0 * s, row0 * s, col1 * s, row1 * s
+
+    def check_count(self, ranges: tuple, limit: int = None,
+                    hint: str = "use a smaller extent, a larger cell size, or raise max_cells") -> int:
+        """Number of cells of ``ranges``; InputError above ``limit`` (default ``max_cells``),
+        ending with ``hint`` (what the user can do)."""
+        col0, col1, row0, row1 = ranges
+        n = (col1 - col0) * (row1 - row0)
+        limit = self.max_cells if limit is None else int(limit)
+        if n > limit:
+            w_km = (col1 - col0) * self.cell_size / 1000
+            h_km = (row1 - row0) * self.cell_size / 1000
+            raise InputError(f"extent is too large: about {n:,} cells ({col1 - col0:,} x {row1 - row0:,}, "
+                             f"{w_km:,.1f} x {h_km:,.1f} km) of {self.cell_size:g} m, more than the limit of "
+                             f"{limit:,}; {hint}")
+        return n
+
+    def cells_of_ranges(self, ranges: tuple) -> Iterator[Cell]:
+        """Cells of ``ranges`` north-west first, row by row (streams; no list built)."""
+        col0, col1, row0, row1 = ranges
+        for row in range(row1 - 1, row0 - 1, -1):
+            for col in range(col0, col1):
+                yield self.cell(col, row)
+
+    def blocks(self, ranges: tuple, block_cells: int) -> Iterator[tuple]:
+        """``ranges`` cut into rectangular blocks of at most about ``block_cells`` cells.
+
+        A block is ``(col0, col1, row0, row1)``: whole rows (north first) when a row fits in a
+        block, else one row cut into runs of ``block_cells`` columns. Either way the blocks' cells,
+        read block after block, are in the same north-west, row-by-row order as
+        :meth:`cells_of_ranges`, and each block is a rectangle (one bounded read of POIs and of
+        imagery per block; the unit of sharding).
+        """
+        col0, col1, row0, row1 = ranges
+        ncols = max(1, col1 - col0)
+        per = max(1, int(block_cells))
+        rows_per = max(1, per // ncols)
+        step = ncols if rows_per > 1 or per >= ncols else per
+        for top in range(row1, row0, -rows_per):
+            bottom = max(row0, top - rows_per)
+            for c in range(col0, col1, step):
+                yield c, min(col1, c + step), bottom, top
+
+
+class Grid(CellGrid):
     """Square cells of ``cell_size`` metres in a metric CRS, snapped to the CRS origin.
 
     Args:
@@ -125,27 +229,9 @@ class Grid:
         if not _is_metric(c):
             unit = c.axis_info[0].unit_name if c.axis_info else "unknown"
             raise InputError(f"grid CRS {c.name!r} has units {unit!r}; choose a CRS in metres (e.g. UTM)")
-        try:
-            cell_size = float(cell_size)
-        except (TypeError, ValueError):
-            raise InputError(f"cell size {cell_size!r} must be a number of metres") from None
-        if not (cell_size > 0 and math.isfinite(cell_size)):
-            raise InputError(f"cell size {cell_size!r} must be a positive number of metres (paper: 256)")
+        super().__init__(crs_string(c), cell_size, max_cells)
         self._crs = c
-        self.crs = crs_string(c)
         self.epsg = int(self.crs.split(":")[1])
-        self.cell_size = cell_size
-        self.max_cells = int(max_cells)
-        self._size_token = f"{cell_size:g}"
-
-    def __repr__(self) -> str:
-        return f"Grid(crs={self.crs!r}, cell_size={self.cell_size:g})"
-
-    def __eq__(self, other) -> bool:
-        return isinstance(other, Grid) and other.crs == self.crs and other.cell_size == self.cell_size
-
-    def __hash__(self) -> int:
-        return hash((self.crs, self.cell_size))
 
     @property
     def pyproj_crs(self):
@@ -178,14 +264,6 @@ class Grid:
         return grid
 
     # ------------------------------------------------------------------ cells
-    def cell_id(self, col: int, row: int) -> str:
-        return f"{self.crs}/{self._size_token}/{int(col)}_{int(row)}"
-
-    def cell(self, col: int, row: int) -> Cell:
-        s = self.cell_size
-        col, row = int(col), int(row)
-        return Cell(self.cell_id(col, row), col, row, (col * s, row * s, (col + 1) * s, (row + 1) * s), self.crs)
-
     def cell_from_id(self, cell_id: str) -> Cell:
         m = _ID_RE.match(cell_id or "")
         if not m:
@@ -194,12 +272,6 @@ class Grid:
         if int(code) != self.epsg or float(size) != self.cell_size:
             raise InputError(f"cell id {cell_id!r} belongs to another grid than {self!r}")
         return self.cell(int(col), int(row))
-
-    def cell_indices(self, x, y) -> tuple:
-        """Vectorised ``(col, row)`` int64 arrays of the cells holding points ``(x, y)`` (grid CRS)."""
-        s = self.cell_size
-        return (np.floor(np.asarray(x, dtype=np.float64) / s).astype(np.int64),
-                np.floor(np.asarray(y, dtype=np.float64) / s).astype(np.int64))
 
     def to_grid_bounds(self, xmin, ymin, xmax, ymax, extent_crs=None) -> tuple:
         """An extent in ``extent_crs`` (None = the grid CRS) as bounds in the grid CRS."""
@@ -226,31 +298,16 @@ class Grid:
 
     def index_ranges(self, xmin, ymin, xmax, ymax, extent_crs=None) -> tuple:
         """``(col0, col1, row0, row1)``, half-open, of the cells intersecting the extent with an area."""
-        bx0, by0, bx1, by1 = self.to_grid_bounds(xmin, ymin, xmax, ymax, extent_crs)
-        s = self.cell_size
-        col0, row0 = math.floor(bx0 / s), math.floor(by0 / s)
-        col1, row1 = max(math.ceil(bx1 / s), col0 + 1), max(math.ceil(by1 / s), row0 + 1)
-        return col0, col1, row0, row1
+        return self.ranges_of_bounds(self.to_grid_bounds(xmin, ymin, xmax, ymax, extent_crs))
 
     def count_cells(self, xmin, ymin, xmax, ymax, extent_crs=None) -> int:
         """Number of cells covering the extent; InputError above ``max_cells``."""
-        col0, col1, row0, row1 = self.index_ranges(xmin, ymin, xmax, ymax, extent_crs)
-        n = (col1 - col0) * (row1 - row0)
-        if n > self.max_cells:
-            w_km = (col1 - col0) * self.cell_size / 1000
-            h_km = (row1 - row0) * self.cell_size / 1000
-            raise InputError(f"extent is too large: about {n:,} cells ({col1 - col0:,} x {row1 - row0:,}, "
-                             f"{w_km:,.1f} x {h_km:,.1f} km) of {self.cell_size:g} m, more than the limit of "
-                             f"{self.max_cells:,}; use a smaller extent, a larger cell size, or raise max_cells")
-        return n
+        return self.check_count(self.index_ranges(xmin, ymin, xmax, ymax, extent_crs))
 
     def iter_cells(self, xmin, ymin, xmax, ymax, extent_crs=None) -> Iterator[Cell]:
         """Cells covering the extent, row by row from the north-west (streams; no list built)."""
         self.count_cells(xmin, ymin, xmax, ymax, extent_crs)
-        col0, col1, row0, row1 = self.index_ranges(xmin, ymin, xmax, ymax, extent_crs)
-        for row in range(row1 - 1, row0 - 1, -1):
-            for col in range(col0, col1):
-                yield self.cell(col, row)
+        yield from self.cells_of_ranges(self.index_ranges(xmin, ymin, xmax, ymax, extent_crs))
 
     def cells_for_extent(self, xmin, ymin, xmax, ymax, extent_crs=None) -> list:
         """All cells that intersect the extent (with an area), north-west first, row by row."""

@@ -1,20 +1,25 @@
-"""The one analysis function: extent in, styled prediction layer (or embedding file) out.
+"""The one analysis function: an area in, a prediction (or embedding) per grid cell out.
 
-The CLI (``refound predict`` / ``refound embed``), the QGIS plugin's dock and its Processing
-algorithms all call :func:`run_analysis` with an :class:`AnalysisRequest`; progress and cancel go
-through two callbacks. Cells stream through the stages, so peak memory does not grow with the
-extent:
+Every entry point calls :func:`run_analysis`: ``refound predict`` / ``refound embed`` (with a
+:class:`~refound_core.inference.sources.FileCellSource` and a GeoPackage / GeoParquet sink), the
+QGIS plugin's dock task and each of its Processing algorithms (with ``refound_qgis``'s
+``QgisCellSource`` and QGIS-layer sink). The model is anything with the predictor protocol
+(:mod:`refound_core.inference.model_api`): the in-process
+:class:`~refound_core.inference.predictor.Predictor`, or
+:class:`~refound_core.backend.remote.RemotePredictor` for a ``refound serve`` backend.
 
-    grid (snapped cells, block by block) -> POI join (vectorised floor division per block)
-    -> image reads (windowed rasterio chips, a small pool of reader threads)
-    -> featurisation (prefetch thread) -> model (batched by POI length) -> writer (chunked, atomic)
+::
 
-Stage times are measured where each stage runs; stages overlap (background threads), so their
-sum can exceed the wall-clock ``total``. ``image_reads`` is the summed busy time of the reader
-threads.
+    request ─▶ source.locate ─▶ grid (refound_core.data.grid) ─▶ blocks (rectangles of cells)
+            ─▶ source.read_block (prefetch thread) ─▶ model (featurise, batch by POI length)
+            ─▶ sink.write (chunked, atomic) ─▶ sink.close
+
+Cells stream through the stages, so peak memory does not grow with the area. Stage times are
+measured where each stage runs; stages overlap (background threads), so their sum can exceed the
+wall-clock ``total``. ``image_reads`` is the summed busy time of the reader threads.
 
 Under ``torchrun`` (``WORLD_SIZE`` > 1) each rank takes every ``world_size``-th block of cells,
-writes its own part file, and rank 0 merges the parts into the output after a barrier.
+writes its own part (``sink.part``), and rank 0 assembles the parts after a barrier.
 """
 from __future__ import annotations
 
@@ -25,13 +30,11 @@ import resource
 import sys
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Optional, Sequence
 
-import numpy as np
-
+from refound_core.data.grid import DEFAULT_MAX_CELLS
 from refound_core.errors import InputError
 
 log = logging.getLogger("refound.inference")
@@ -39,7 +42,7 @@ log = logging.getLogger("refound.inference")
 TASKS = ("urban_village", "population", "commercial", "embed")
 BLOCK_CELLS = 64           # cells per grid block (one POI join, one unit of distributed sharding);
                            # small, so the blocks in flight (prefetch depth 2) stay a few MB at any extent
-IMAGE_THREADS = 4          # concurrent windowed chip reads (GDAL releases the GIL while reading)
+PROGRESS_EVERY = 16        # cells between progress callbacks
 STAGES = ("load", "grid", "poi_join", "image_reads", "featurize", "model", "write")
 
 
@@ -56,13 +59,16 @@ class AnalysisRequest:
         cell_size: grid cell side in metres (paper: 256).
         pois: POI file (GeoPackage / Shapefile / GeoJSON / .osm.pbf) or None (no POIs).
         poi_layer, name_field, category_field: which layer and attributes hold the POIs.
-        samples: alternatively, an iterable of ready ``RegionSample`` (the plugin's own layers
-            adapter, the synthetic city); then extent/pois/imagery are not used.
+        samples: alternatively, an iterable of ready ``RegionSample`` (the synthetic city, tests);
+            then extent/pois/imagery are not used. (The plugin passes its own ``source``.)
         imagery: RGB raster path or None (no imagery: POI-only predictions).
         device: ``auto``, ``cpu``, ``cuda``, ``cuda:N``; batch_size: None = device default.
         embeddings: which vectors to export for ``embed`` (``h_P``, ``h_S``, ``fused``).
         predictor: an already loaded Predictor to reuse (the plugin keeps one per session).
         block_cells: cells per grid block (unit of the POI join and of distributed sharding).
+        max_cells, max_cells_hint: more cells than this is refused, with the hint as what to do.
+        min_image_coverage: a chip with a smaller share of valid pixels is not used (None = the
+            core default, ``featurize.DEFAULT_MIN_IMAGE_COVERAGE``); applies to a loaded model.
     """
 
     checkpoint: Optional[str] = None
@@ -81,12 +87,19 @@ class AnalysisRequest:
     batch_size: Optional[int] = None
     embeddings: tuple = ("h_P", "h_S", "fused")
     predictor: object = None
-    block_cells: int = BLOCK_CELLS
+    block_cells: Optional[int] = None  # None = BLOCK_CELLS
+    max_cells: int = DEFAULT_MAX_CELLS
+    max_cells_hint: str = "use a smaller extent, a larger cell size, or raise max_cells"
+    min_image_coverage: Optional[float] = None
 
 
 @dataclass
 class AnalysisResult:
-    """What a run produced, with the per-stage time breakdown (seconds) and counters."""
+    """What a run produced, with the per-stage time breakdown (seconds) and counters.
+
+    ``output`` is what the sink's ``close`` returned (the file path, or the plugin's layer data);
+    ``crs``, ``kind``, ``classes`` describe the cells and the head; ``model`` is ``describe()``.
+    """
 
     out: Path
     task: str
@@ -102,6 +115,10 @@ class AnalysisResult:
     value_max: float = math.nan
     value_mean: float = math.nan
     model: dict = field(default_factory=dict)
+    crs: str = ""
+    kind: Optional[str] = None
+    classes: Optional[list] = None
+    output: object = None
 
     def summary(self) -> str:
         """Several human-readable lines: counts, value range, and the stage breakdown."""
@@ -134,25 +151,20 @@ def _dist_env() -> tuple:
     return rank, world, local
 
 
-def _validate(req: AnalysisRequest) -> None:
+def _validate(req: AnalysisRequest, source, sink, model) -> None:
     if not isinstance(req.task, str) or not req.task:
         raise InputError(f"task {req.task!r} must be one of {list(TASKS)} (or the name of the checkpoint's own head)")
-    if not req.out:
-        raise InputError("no output path given; pass --out OUT.gpkg (predictions) or OUT.parquet (embeddings)")
-    suffix = Path(req.out).suffix.lower()
-    if req.task == "embed" and suffix not in (".parquet", ".geoparquet"):
-        raise InputError(f"embedding output {req.out} must be a .parquet (GeoParquet) file")
-    if req.task != "embed" and suffix != ".gpkg":
-        raise InputError(f"prediction output {req.out} must be a .gpkg (GeoPackage) file")
-    if req.samples is None:
-        if req.extent is None:
-            raise InputError("no extent given; pass --extent XMIN,YMIN,XMAX,YMAX[,CRS]")
-        if req.pois is None and req.imagery is None:
-            raise InputError("neither POIs nor imagery given: every cell would lack data; pass --pois and/or --imagery")
-        for what, p in (("POI file", req.pois), ("imagery raster", req.imagery)):
-            if p is not None and not Path(p).exists():
-                raise InputError(f"{what} {p} does not exist; check the path")
-    if req.predictor is None and not req.checkpoint:
+    if sink is None:
+        if not req.out:
+            raise InputError("no output path given; pass --out OUT.gpkg (predictions) or OUT.parquet (embeddings)")
+        suffix = Path(req.out).suffix.lower()
+        if req.task == "embed" and suffix not in (".parquet", ".geoparquet"):
+            raise InputError(f"embedding output {req.out} must be a .parquet (GeoParquet) file")
+        if req.task != "embed" and suffix != ".gpkg":
+            raise InputError(f"prediction output {req.out} must be a .gpkg (GeoPackage) file")
+    if source is None and req.samples is None and req.extent is None:
+        raise InputError("no extent given; pass --extent XMIN,YMIN,XMAX,YMAX[,CRS]")
+    if model is None and req.predictor is None and not req.checkpoint:
         raise InputError("no checkpoint given; pass --checkpoint CKPT (a folder written by refound)")
 
 
@@ -168,208 +180,168 @@ class _Timer:
             self.t[stage] = self.t.get(stage, 0.0) + seconds
 
 
-class _Sources:
-    """Grid, POIs and imagery of a file-based request; yields RegionSample blocks."""
+def _load_model(request: AnalysisRequest, world: int, local_rank: int, timer: _Timer):
+    from refound_core.inference.predictor import load_predictor
 
-    def __init__(self, req: AnalysisRequest, image_size: int, timer: _Timer):
-        from refound_core.data.grid import Grid
-        from refound_core.data.imagery import ChipReader
+    device = request.device
+    if world > 1 and device in ("auto", "cuda"):
+        import torch
+        if torch.cuda.is_available():
+            device = f"cuda:{local_rank}"
+    t0 = time.perf_counter()
+    model = load_predictor(request.checkpoint, device=device, batch_size=request.batch_size,
+                           min_image_coverage=request.min_image_coverage)
+    timer.add("load", time.perf_counter() - t0)
+    return model
 
-        self.timer = timer
-        self.notice = None
-        t0 = time.perf_counter()
-        extent_crs = req.extent_crs
-        self.pois = None
-        if req.pois is not None:
-            from refound_core.data.poi_sources import read_pois
 
+def plan_grid(frame, request) -> tuple:
+    """``(grid, ranges, number of cells)`` of a located area: the one place where an area becomes
+    grid cells (``refound_core.data.grid.CellGrid``); InputError above ``request.max_cells``."""
+    from refound_core.data.grid import CellGrid
+
+    grid = CellGrid(frame.crs, request.cell_size)
+    ranges = grid.ranges_of_bounds(frame.bounds)
+    return grid, ranges, grid.check_count(ranges, request.max_cells, request.max_cells_hint)
+
+
+def _sample_blocks(request, source, frame, image_size: int, rank: int, world: int, is_canceled):
+    """``(blocks of RegionSamples, total cells or None)``: the grid and its blocks (this rank's
+    share) when the source located an area, else the source's own blocks."""
+    block_cells = max(1, int(request.block_cells or BLOCK_CELLS))
+    if frame.bounds is None:
+        return source.own_blocks(block_cells), None
+    t0 = time.perf_counter()
+    grid, ranges, total = plan_grid(frame, request)
+    blocks = [b for i, b in enumerate(grid.blocks(ranges, block_cells)) if i % world == rank]
+    source.timer("grid", time.perf_counter() - t0)
+    source.prepare(grid, ranges, image_size)
+
+    def read():
+        for b in blocks:
+            if is_canceled is not None and is_canceled():
+                return  # the consumer raises AnalysisCanceled at its next check
             t1 = time.perf_counter()
-            pois = read_pois(req.pois, name_field=req.name_field, category_field=req.category_field,
-                             layer=req.poi_layer)
-            self.timer.add("poi_join", time.perf_counter() - t1)
-            if extent_crs is None:
-                extent_crs = pois.crs
-                self.notice = f"extent taken to be in the POI file's CRS {pois.crs}"
-            self.pois = pois
-        if extent_crs is None:  # imagery only
-            with ChipReader(req.imagery) as r:
-                extent_crs = r.crs.to_wkt()
-        self.grid = Grid.for_extent(req.extent, extent_crs, req.cell_size)
-        self.extent, self.extent_crs = tuple(req.extent), extent_crs
-        self.total = self.grid.count_cells(*self.extent, extent_crs=extent_crs)
-        col0, col1, row0, row1 = self.grid.index_ranges(*self.extent, extent_crs=extent_crs)
-        self.ranges = (col0, col1, row0, row1)
-        self.timer.add("grid", time.perf_counter() - t0)
-        if self.pois is not None:
-            t1 = time.perf_counter()
-            s = self.grid.cell_size
-            pois = self.pois.to_crs(self.grid.crs)
-            keep = ((pois.x >= col0 * s) & (pois.x < col1 * s) & (pois.y >= row0 * s) & (pois.y < row1 * s))
-            self.pois = pois.take(np.flatnonzero(keep))  # only the extent's POIs are kept in memory
-            self.timer.add("poi_join", time.perf_counter() - t1)
-        self.imagery = req.imagery
-        self.image_size = image_size
-        if req.imagery is not None:
-            ChipReader(req.imagery, size_px=image_size).close()  # fail early on a bad raster
-        self.block_cells = max(1, int(req.block_cells))
-        self._local = threading.local()
-        self._readers: list = []
+            cells = list(grid.cells_of_ranges(b))
+            if frame.keep is not None:
+                cells = [c for c in cells if frame.keep(c)]
+            source.timer("grid", time.perf_counter() - t1)
+            if cells:
+                yield source.read_block(cells)
 
-    def blocks(self):
-        """Lists of grid cells, ``BLOCK_CELLS`` at a time, north-west first, row by row."""
-        col0, col1, row0, row1 = self.ranges
-        block = []
-        t0 = time.perf_counter()
-        for row in range(row1 - 1, row0 - 1, -1):
-            for col in range(col0, col1):
-                block.append(self.grid.cell(col, row))
-                if len(block) >= self.block_cells:
-                    self.timer.add("grid", time.perf_counter() - t0)
-                    yield block
-                    block, t0 = [], time.perf_counter()
-        if block:
-            self.timer.add("grid", time.perf_counter() - t0)
-            yield block
-
-    def _reader(self):
-        from refound_core.data.imagery import ChipReader
-
-        r = getattr(self._local, "reader", None)
-        if r is None:  # one GDAL dataset handle per thread (handles are not thread-safe)
-            r = ChipReader(self.imagery, size_px=self.image_size)
-            self._local.reader = r
-            self._readers.append(r)
-        return r
-
-    def _read_chip(self, cell):
-        t0 = time.perf_counter()
-        chip = self._reader().read_cell(cell)
-        self.timer.add("image_reads", time.perf_counter() - t0)
-        return chip
-
-    def samples(self, block: list, pool: Optional[ThreadPoolExecutor]) -> list:
-        from refound_core.data.poi_sources import assign_to_cells
-        from refound_core.data.sample import RegionSample
-
-        chips = pool.map(self._read_chip, block) if (pool is not None and self.imagery) else None
-        t0 = time.perf_counter()
-        if self.pois is not None and len(self.pois):
-            assign = assign_to_cells(self.pois.x, self.pois.y, self.grid, block)
-        else:
-            assign = None
-        out = []
-        for i, cell in enumerate(block):
-            if assign is not None:
-                idx = assign.indices(i)
-                names, cats = self.pois.names[idx].tolist(), self.pois.categories[idx].tolist()
-                xy = np.column_stack([self.pois.x[idx], self.pois.y[idx]])
-            else:
-                names, cats, xy = [], [], np.zeros((0, 2))
-            out.append(RegionSample(cell.id, cell.bounds, cell.crs, names, cats, xy))
-        self.timer.add("poi_join", time.perf_counter() - t0)
-        if chips is not None:
-            for s, chip in zip(out, chips):
-                s.image, s.image_coverage, s.image_valid = chip.image, float(chip.coverage), chip.valid
-        return out
-
-    def close(self):
-        for r in self._readers:
-            r.close()
+    return read(), total
 
 
-def run_analysis(request: AnalysisRequest, progress: Optional[Callable] = None,
+def collect_samples(request: AnalysisRequest, source, image_size: int = 256,
+                    cancel: Optional[Callable] = None) -> list:
+    """The RegionSamples of ``source``'s cells (the same grid and blocks as :func:`run_analysis`),
+    without a model: for fitting a head on labelled cells (``frame.keep``)."""
+    from refound_core.inference.predictor import AnalysisCanceled
+
+    source.timer = _Timer().add
+    try:
+        frame = source.locate(request)
+        blocks, _ = _sample_blocks(request, source, frame, int(image_size), 0, 1, cancel)
+        out = [s for block in blocks for s in block]
+    finally:
+        source.close()
+    if cancel is not None and cancel():
+        raise AnalysisCanceled("analysis canceled")
+    return out
+
+
+def run_analysis(request: AnalysisRequest, source=None, model=None, sink=None,
+                 progress: Optional[Callable] = None, cancel: Optional[Callable] = None,
                  is_canceled: Optional[Callable] = None) -> AnalysisResult:
-    """Run one analysis end to end and write its output atomically.
+    """Run one analysis end to end: grid, blocks, prefetch, model, sink (atomic).
 
     Args:
         request: see :class:`AnalysisRequest`.
-        progress: ``progress(done_cells, total_cells_or_None)``, called after each window.
-        is_canceled: polled before each batch; True stops the run within one batch, raises
-            :class:`~refound_core.inference.predictor.AnalysisCanceled` and leaves no output file.
+        source: a :class:`~refound_core.inference.sources.CellSource`; None = the request's
+            files (``pois`` / ``imagery``) or its ready ``samples``.
+        model: an object with the predictor protocol (:mod:`refound_core.inference.model_api`);
+            None = ``request.predictor``, else the checkpoint loaded once per process.
+        sink: a :class:`~refound_core.inference.sinks.ResultSink`; None = a file sink for
+            ``request.out``.
+        progress: ``progress(done_cells, total_cells_or_None)``.
+        cancel: polled before each block and batch; True stops the run within one batch, raises
+            :class:`~refound_core.inference.predictor.AnalysisCanceled` and leaves no output.
+        is_canceled: older name of ``cancel``.
 
     Raises:
         InputError: bad inputs (paths, extent, task/checkpoint mismatch ...).
     """
-    from refound_core.inference.predictor import AnalysisCanceled, _prefetch, load_predictor
-    from refound_core.inference.writers import GeoPackageWriter, GeoParquetWriter
+    from refound_core.inference.predictor import AnalysisCanceled, _prefetch
+    from refound_core.inference.sinks import RunInfo, sink_for_request
+    from refound_core.inference.sources import source_for_request
 
-    _validate(request)
+    cancel = cancel or is_canceled
+    _validate(request, source, sink, model)
     t_start = time.perf_counter()
     timer = _Timer()
     rank, world, local_rank = _dist_env()
-    predictor = request.predictor
-    if predictor is None:
-        device = request.device
-        if world > 1 and device in ("auto", "cuda"):
-            import torch
-            if torch.cuda.is_available():
-                device = f"cuda:{local_rank}"
-        t0 = time.perf_counter()
-        predictor = load_predictor(request.checkpoint, device=device, batch_size=request.batch_size)
-        timer.add("load", time.perf_counter() - t0)
-    elif request.batch_size:
-        predictor.batch_size = int(request.batch_size)
+    model = model or request.predictor or _load_model(request, world, local_rank, timer)
+    if request.batch_size:
+        model.batch_size = int(request.batch_size)
+    info = model.describe()
     embed = request.task == "embed"
-    task = None if embed else predictor.check_task(request.task)
-    notices = list(predictor.notices)
+    task = None if embed else model.check_task(request.task)
+    notices = list(model.notices)
     for k in ("featurize", "model"):
-        predictor.timings[k] = 0.0
+        model.timings[k] = 0.0
 
-    sources, pool, blocks, stream = None, None, None, None
+    source = source or source_for_request(request)
+    source.timer = timer.add
+    target = sink or sink_for_request(request)
+    run_sink = target if world == 1 else target.part(str(rank))
     counts = {"cells": 0, "predicted": 0}
     vals = {"min": math.inf, "max": -math.inf, "sum": 0.0}
-    out = Path(request.out)
+    blocks, stream, opened = None, None, False
     try:
-        if request.samples is not None:
-            it = iter(request.samples)
-            first = next(it, None)
-            crs = first.crs if first is not None else "EPSG:3857"
-            sample_iter = _chain(first, it)
-            total = None
-        else:
-            sources = _Sources(request, predictor.config.image_size, timer)
-            if sources.notice:
-                notices.append(sources.notice)
-            crs, total = sources.grid.crs, sources.total
-            pool = ThreadPoolExecutor(IMAGE_THREADS, thread_name_prefix="refound-chips") if request.imagery else None
-
-            def sample_blocks():
-                for b, block in enumerate(sources.blocks()):
-                    if b % world == rank:
-                        yield sources.samples(block, pool)
-
-            blocks = _prefetch(sample_blocks(), depth=2)
-            sample_iter = (s for block in blocks for s in block)
-
-        target = out if world == 1 else out.with_name(f".{out.name}.part{rank}{out.suffix}")
-        provenance = {"model": predictor.config.name, "checkpoint": str(predictor.checkpoint_dir),
-                      "cell_size": request.cell_size, "grid_crs": crs, "device": str(predictor.device),
-                      "precision": predictor.precision.dtype_name}
+        frame = source.locate(request)
+        notices += [n for n in frame.notices if n not in notices]
+        crs = frame.crs
+        sample_blocks, total = _sample_blocks(request, source, frame, int(info.get("image_size") or 256),
+                                              rank, world, cancel)
+        blocks = _prefetch(sample_blocks, depth=2)
+        sample_iter = (s for block in blocks for s in block)
+        provenance = {"model": info.get("model"), "checkpoint": info.get("checkpoint"),
+                      "cell_size": request.cell_size, "grid_crs": crs, "device": info.get("device"),
+                      "precision": info.get("precision")}
+        run_info = RunInfo(crs=crs, task="embed" if embed else task, kind=info.get("kind"),
+                           classes=info.get("classes"), hidden_size=int(info.get("hidden_size") or 0),
+                           embeddings=tuple(request.embeddings), model=str(info.get("model") or ""),
+                           provenance=provenance)
+        run_sink.open(run_info)
+        opened = True
         if embed:
-            writer = GeoParquetWriter(target, crs, predictor.config.hidden_size, tuple(request.embeddings), provenance)
-            stream = predictor.embed_samples(sample_iter, progress=None, is_canceled=is_canceled)
+            stream = model.embed_samples(sample_iter, progress=None, is_canceled=cancel)
         else:
-            writer = GeoPackageWriter(target, crs, task, kind=predictor.kind, provenance=provenance,
-                                      classes=predictor.classes)
-            stream = predictor.predict_samples(sample_iter, task=task, progress=None, is_canceled=is_canceled)
-
-        with writer:
-            for r in stream:
-                t0 = time.perf_counter()
-                writer.write(r)
-                timer.add("write", time.perf_counter() - t0)
-                counts["cells"] += 1
-                if r.sufficient:
-                    counts["predicted"] += 1
-                    if not embed and math.isfinite(r.value):
-                        vals["min"], vals["max"] = min(vals["min"], r.value), max(vals["max"], r.value)
-                        vals["sum"] += r.value
-                if progress is not None and counts["cells"] % 64 == 0:
-                    progress(counts["cells"], total)
-                if is_canceled is not None and counts["cells"] % 64 == 0 and is_canceled():
-                    raise AnalysisCanceled("analysis canceled")
+            stream = model.predict_samples(sample_iter, task=task, progress=None, is_canceled=cancel)
+        for r in stream:
             t0 = time.perf_counter()
-        timer.add("write", time.perf_counter() - t0)  # close(): flush, style, rename
+            run_sink.write(r)
+            timer.add("write", time.perf_counter() - t0)
+            counts["cells"] += 1
+            if r.sufficient:
+                counts["predicted"] += 1
+                if not embed and math.isfinite(r.value):
+                    vals["min"], vals["max"] = min(vals["min"], r.value), max(vals["max"], r.value)
+                    vals["sum"] += r.value
+            if counts["cells"] % PROGRESS_EVERY == 0:
+                if progress is not None:
+                    progress(counts["cells"], total)
+                if cancel is not None and cancel():
+                    raise AnalysisCanceled("analysis canceled")
+        if cancel is not None and cancel():
+            raise AnalysisCanceled("analysis canceled")
+        t0 = time.perf_counter()
+        produced = run_sink.close()  # flush, style, rename
+        timer.add("write", time.perf_counter() - t0)
+    except BaseException:
+        if opened:
+            run_sink.abort()
+        raise
     finally:
         if stream is not None:
             stream.close()  # stops the featurisation thread first (it consumes the blocks) ...
@@ -378,43 +350,35 @@ def run_analysis(request: AnalysisRequest, progress: Optional[Callable] = None,
                 blocks.close()  # ... then the grid/POI/imagery thread
             except ValueError:  # still running in a thread that did not stop in time
                 pass
-        if pool is not None:
-            pool.shutdown(wait=True, cancel_futures=True)
-        if sources is not None:
-            sources.close()
+        source.close()
     if progress is not None:
         progress(counts["cells"], total if total is not None else counts["cells"])
 
     if world > 1:
         t0 = time.perf_counter()
-        _merge_parts(out, world, rank, embed, crs, task, predictor, request, provenance)
+        _assemble_parts(target, run_sink, world, rank, run_info)
         timer.add("write", time.perf_counter() - t0)
+        produced = getattr(target, "path", produced)
 
     timings = dict(timer.t)
-    timings["featurize"] = predictor.timings["featurize"]
-    timings["model"] = predictor.timings["model"]
+    timings["featurize"] = model.timings.get("featurize", 0.0)
+    timings["model"] = model.timings.get("model", 0.0)
     timings["total"] = time.perf_counter() - t_start
     n = counts["predicted"]
     return AnalysisResult(
-        out=out, task=request.task, cells=counts["cells"], predicted=n, insufficient=counts["cells"] - n,
-        timings=timings, notices=notices + [m for m in predictor.notices if m not in notices],
-        device=str(predictor.device), precision=predictor.precision.dtype_name, peak_rss_mb=peak_rss_mb(),
+        out=produced if isinstance(produced, Path) else Path(request.out or "."), task=request.task,
+        cells=counts["cells"], predicted=n, insufficient=counts["cells"] - n, timings=timings,
+        notices=notices + [m for m in model.notices if m not in notices],
+        device=str(info.get("device") or ""), precision=str(info.get("precision") or ""),
+        peak_rss_mb=peak_rss_mb(), crs=crs, kind=info.get("kind"), classes=info.get("classes"),
         value_min=vals["min"] if n and not embed else math.nan, value_max=vals["max"] if n and not embed else math.nan,
-        value_mean=vals["sum"] / n if n and not embed else math.nan, model=predictor.describe())
+        value_mean=vals["sum"] / n if n and not embed else math.nan, model=info, output=produced)
 
 
-def _chain(first, rest):
-    if first is not None:
-        yield first
-    yield from rest
-
-
-def _merge_parts(out: Path, world: int, rank: int, embed: bool, crs, task, predictor, request, provenance) -> None:
-    """Barrier, then rank 0 appends every rank's part to the final output (atomically) and removes
-    the parts. Uses torch.distributed (gloo is enough: only a barrier is exchanged)."""
+def _assemble_parts(target, own_part, world: int, rank: int, info) -> None:
+    """Barrier, then rank 0 assembles every rank's part into the target (atomically) and the
+    parts are removed. Uses torch.distributed (gloo is enough: only a barrier is exchanged)."""
     import torch.distributed as dist
-
-    from refound_core.inference.writers import GeoPackageWriter, GeoParquetWriter
 
     created = False
     if not dist.is_initialized():
@@ -423,20 +387,7 @@ def _merge_parts(out: Path, world: int, rank: int, embed: bool, crs, task, predi
     try:
         dist.barrier()
         if rank == 0:
-            parts = [out.with_name(f".{out.name}.part{r}{out.suffix}") for r in range(world)]
-            missing = [str(p) for p in parts if not p.exists()]
-            if missing:
-                raise RuntimeError(f"distributed inference: part files {missing} are missing; a rank failed")
-            if embed:
-                w = GeoParquetWriter(out, crs, predictor.config.hidden_size, tuple(request.embeddings), provenance)
-            else:
-                w = GeoPackageWriter(out, crs, task, kind=predictor.kind, provenance=provenance,
-                                     classes=predictor.classes)
-            with w:
-                for p in parts:
-                    w.append_part(p)
-            for p in parts:
-                p.unlink()
+            target.assemble([target.part(str(r)) for r in range(world)], info)
         dist.barrier()
     finally:
         if created:

@@ -351,7 +351,8 @@ _CACHE: dict = {}
 _CACHE_LOCK = threading.Lock()
 
 
-def load_predictor(checkpoint_dir, device: str = "auto", batch_size: Optional[int] = None) -> "Predictor":
+def load_predictor(checkpoint_dir, device: str = "auto", batch_size: Optional[int] = None,
+                   min_image_coverage: Optional[float] = None) -> "Predictor":
     """A Predictor loaded once per process and reused (the plugin and the Processing algorithms
     call ``run_analysis`` many times; loading refound_base takes seconds).
 
@@ -364,12 +365,12 @@ def load_predictor(checkpoint_dir, device: str = "auto", batch_size: Optional[in
         stamp = (path / "config.json").stat().st_mtime_ns
     except OSError:
         stamp = None  # let Predictor report the missing/damaged checkpoint
-    key = (str(path), stamp, (device or "auto").lower())
+    key = (str(path), stamp, (device or "auto").lower(), min_image_coverage)
     with _CACHE_LOCK:
         pred = _CACHE.get(key)
         if pred is None:
             _CACHE.clear()
-            pred = Predictor(path, device=device, batch_size=batch_size)
+            pred = Predictor(path, device=device, batch_size=batch_size, min_image_coverage=min_image_coverage)
             if stamp is not None:
                 _CACHE[key] = pred
         elif batch_size:

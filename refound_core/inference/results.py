@@ -1,6 +1,7 @@
 """What inference yields per grid cell (framework-free: writers and the plugin use it without torch)."""
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import Optional
@@ -25,6 +26,9 @@ class CellResult:
             through the model as if it had data: its outputs stay NaN (NULL in the file).
         h_P, h_S, fused: float32 ``[H]`` region representations (paper 4.3) when requested:
             the [P] CLS, the [S] CLS and their fusion; None when not requested.
+        extra: any further per-cell scalar outputs by column name. They, and any scalar field
+            added to this class later, are written by every sink after the fixed columns
+            (:func:`extra_columns`), so a new per-cell output needs no change downstream.
     """
 
     cell_id: str
@@ -45,3 +49,37 @@ class CellResult:
 def is_sufficient(sample) -> bool:
     """A region can be predicted when it has at least one POI or some imagery coverage."""
     return bool(sample.has_pois or sample.has_image)
+
+
+# Fields every sink writes in its own way (geometry, the prediction column, vectors).
+BASE_FIELDS = ("cell_id", "bounds", "crs", "value", "values", "poi_count", "image_coverage", "image_used",
+               "sufficient",                "h_P", "h_S", "fused", "extra")
+
+
+def _scalar(v):
+    """``v`` as a plain Python scalar (numpy scalars unwrapped), or a sentinel when it is not one."""
+    if isinstance(v, (bool, int, float, str)) or v is None:
+        return v
+    if getattr(v, "ndim", None) == 0 and hasattr(v, "item"):
+        return v.item()
+    return _NOT_SCALAR
+
+
+_NOT_SCALAR = object()
+
+
+def extra_columns(result) -> dict:
+    """The per-cell outputs beyond the fixed columns, ``{name: scalar}`` in a stable order: scalar
+    dataclass fields not in :data:`BASE_FIELDS` first, then ``result.extra``. Vectors are left out."""
+    out = {}
+    if dataclasses.is_dataclass(result):
+        for f in dataclasses.fields(result):
+            if f.name not in BASE_FIELDS:
+                v = _scalar(getattr(result, f.name))
+                if v is not _NOT_SCALAR:
+                    out[f.name] = v
+    for k, v in (getattr(result, "extra", None) or {}).items():
+        v = _scalar(v)
+        if v is not _NOT_SCALAR and k not in BASE_FIELDS:
+            out[str(k)] = v
+    return out

@@ -28,12 +28,36 @@ import numpy as np
 
 from refound_core.errors import InputError
 from refound_core.inference import styles
-from refound_core.inference.results import CellResult
+from refound_core.inference.results import CellResult, extra_columns
 
 CELLS_LAYER = "cells"
-GPKG_COLUMNS = ("cell_id", styles.PREDICTION_FIELD, "poi_count", "image_coverage", styles.SUFFICIENT_FIELD)
+GPKG_COLUMNS = ("cell_id", styles.PREDICTION_FIELD, "poi_count", "image_coverage", "image_used",
+                styles.SUFFICIENT_FIELD)
 EMBEDDING_COLUMNS = ("h_P", "h_S", "fused")
 _RESERVOIR = 20_000  # values kept for the style's quantile class breaks (bounded memory)
+
+
+def extra_arrays(rows: list, names: Optional[list] = None) -> tuple:
+    """``(names, arrays)`` of the per-cell outputs beyond the fixed columns
+    (:func:`~refound_core.inference.results.extra_columns`). ``names`` None: the columns the rows
+    carry, in order of first appearance (a sink fixes them at its first chunk). Numbers become
+    float64 (NULL = NaN), booleans bool, anything else text."""
+    per_row = [extra_columns(r) for r in rows]
+    if names is None:
+        names = []
+        for cols in per_row:
+            names += [k for k in cols if k not in names]
+    arrays = []
+    for name in names:
+        vals = [cols.get(name) for cols in per_row]
+        kinds = {type(v) for v in vals if v is not None}
+        if kinds and kinds <= {bool}:
+            arrays.append(np.array([bool(v) for v in vals], dtype=bool))
+        elif kinds and kinds <= {bool, int, float}:
+            arrays.append(np.array([math.nan if v is None else float(v) for v in vals], dtype=np.float64))
+        else:
+            arrays.append(np.array([None if v is None else str(v) for v in vals], dtype=object))
+    return list(names), arrays
 
 
 def temp_path(target) -> Path:
@@ -135,6 +159,7 @@ class GeoPackageWriter(_ChunkedRows):
         self._seen_values = 0
         self._rng = random.Random(0)  # reservoir sampling, deterministic
         self._created = False
+        self.extra_names: Optional[list] = None  # per-cell outputs beyond GPKG_COLUMNS, fixed at the first chunk
 
     # -- rows ---------------------------------------------------------------------------------
     def _track(self, v: float) -> None:
@@ -164,9 +189,14 @@ class GeoPackageWriter(_ChunkedRows):
             values,
             np.array([int(r.poi_count) for r in rows], dtype=np.int32),
             np.array([float(r.image_coverage) for r in rows], dtype=np.float64),
+            np.array([int(bool(r.image_used)) for r in rows], dtype=np.int32),
             np.array([bool(r.sufficient) for r in rows], dtype=bool),
         ]
-        self._write_raw(geoms, fields)
+        self.extra_names, extras = extra_arrays(rows, self.extra_names)
+        self._write_raw(geoms, fields + extras)
+
+    def columns(self) -> list:
+        return list(GPKG_COLUMNS) + list(self.extra_names or [])
 
     def _write_raw(self, wkb, fields) -> None:
         import pyogrio.raw
@@ -180,7 +210,7 @@ class GeoPackageWriter(_ChunkedRows):
             kwargs["append"] = True
         with warnings.catch_warnings():  # GDAL warns that '.tmp' is not a '.gpkg' extension
             warnings.simplefilter("ignore", RuntimeWarning)
-            pyogrio.raw.write(str(self.tmp), wkb, fields, list(GPKG_COLUMNS), **kwargs)
+            pyogrio.raw.write(str(self.tmp), wkb, fields, self.columns(), **kwargs)
         self._created = True
         self.count += len(wkb)
 
@@ -191,19 +221,24 @@ class GeoPackageWriter(_ChunkedRows):
         part_path = Path(part_path)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)
-            total = pyogrio.read_info(str(part_path), layer=self.layer)["features"]
+            info = pyogrio.read_info(str(part_path), layer=self.layer)
+            total = info["features"]
+            if self.extra_names is None:
+                self.extra_names = [f for f in info["fields"] if f not in GPKG_COLUMNS]
             for start in range(0, total, chunk):
                 self._flush()
-                _, _, wkb, data = pyogrio.raw.read(str(part_path), layer=self.layer, columns=list(GPKG_COLUMNS),
+                _, _, wkb, data = pyogrio.raw.read(str(part_path), layer=self.layer, columns=self.columns(),
                                                    skip_features=start, max_features=chunk)[:4]
-                cols = dict(zip(GPKG_COLUMNS, data))
+                cols = dict(zip(self.columns(), data))
                 vals = np.asarray(cols[styles.PREDICTION_FIELD], dtype=np.float64)
                 for v in vals:
                     self._track(float(v))
                 fields = [np.asarray(cols["cell_id"], dtype=object), vals,
                           np.asarray(cols["poi_count"], dtype=np.int32),
                           np.asarray(cols["image_coverage"], dtype=np.float64),
+                          np.asarray(cols["image_used"], dtype=np.int32),
                           np.asarray(cols[styles.SUFFICIENT_FIELD]).astype(bool)]
+                fields += [np.asarray(cols[n]) for n in self.extra_names]
                 self._write_raw(np.asarray(wkb, dtype=object), fields)
 
     # -- metadata and style ---------------------------------------------------------------------
@@ -245,6 +280,7 @@ class GeoPackageWriter(_ChunkedRows):
             return self.path
         self._flush()
         if not self._created:  # zero cells: still a valid, empty, styled layer
+            self.extra_names = []
             self._write_raw(np.zeros(0, dtype=object), [np.zeros(0, dtype=object), np.zeros(0), np.zeros(0, np.int32),
                                                         np.zeros(0), np.zeros(0, dtype=bool)])
         self._write_style()
@@ -274,14 +310,17 @@ class GeoParquetWriter(_ChunkedRows):
         self._rows: list = []
         self._writer = None
         self._bbox = [math.inf, math.inf, -math.inf, -math.inf]
+        self.extra_names: Optional[list] = None
+        self._extra_types: list = []
 
     def _schema(self):
         import pyarrow as pa
         import pyproj
 
         fields = [("cell_id", pa.string()), ("poi_count", pa.int32()), ("image_coverage", pa.float32()),
-                  ("sufficient", pa.bool_())]
+                  ("image_used", pa.bool_()), ("sufficient", pa.bool_())]
         fields += [(e, pa.list_(pa.float32(), self.hidden_size)) for e in self.embeddings]
+        fields += list(zip(self.extra_names or [], self._extra_types))
         fields.append(("geometry", pa.binary()))
         geo = {"version": "1.0.0", "primary_column": "geometry",
                "columns": {"geometry": {"encoding": "WKB", "geometry_types": ["Polygon"],
@@ -307,6 +346,7 @@ class GeoParquetWriter(_ChunkedRows):
         arrays = [pa.array([r.cell_id for r in rows], pa.string()),
                   pa.array([int(r.poi_count) for r in rows], pa.int32()),
                   pa.array([float(r.image_coverage) for r in rows], pa.float32()),
+                  pa.array([bool(r.image_used) for r in rows], pa.bool_()),
                   pa.array([bool(r.sufficient) for r in rows], pa.bool_())]
         for e in self.embeddings:
             mat = np.full((len(rows), h), np.nan, dtype=np.float32)
@@ -315,6 +355,12 @@ class GeoParquetWriter(_ChunkedRows):
                 if vec is not None and r.sufficient:
                     mat[i] = vec
             arrays.append(pa.FixedSizeListArray.from_arrays(pa.array(mat.reshape(-1), pa.float32()), h))
+        first = self.extra_names is None
+        self.extra_names, extras = extra_arrays(rows, self.extra_names)
+        if first:
+            self._extra_types = [pa.bool_() if a.dtype == bool else pa.float64() if a.dtype.kind == "f" else pa.string()
+                                 for a in extras]
+        arrays += [pa.array(a, t, from_pandas=True) for a, t in zip(extras, self._extra_types)]
         arrays.append(pa.array(list(geoms), pa.binary()))
         schema = self._schema()
         if self._writer is None:
@@ -326,8 +372,12 @@ class GeoParquetWriter(_ChunkedRows):
         """Append the row groups of another file written by this class (a distributed rank's part)."""
         import pyarrow.parquet as pq
 
-        self._flush()
         pf = pq.ParquetFile(str(part_path))
+        if self.extra_names is None:  # the parts' own extra columns (all parts come from one run)
+            known = {"cell_id", "poi_count", "image_coverage", "image_used", "sufficient", "geometry", *self.embeddings}
+            extra = [f for f in pf.schema_arrow if f.name not in known]
+            self.extra_names, self._extra_types = [f.name for f in extra], [f.type for f in extra]
+        self._flush()
         for i in range(pf.num_row_groups):
             t = pf.read_row_group(i).replace_schema_metadata(self._schema().metadata)
             if t.num_rows:

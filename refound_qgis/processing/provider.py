@@ -15,7 +15,7 @@ class RefoundProvider(QgsProcessingProvider):
         return tr("ReFound urban region foundation model (KDD 2024)")
 
     def icon(self):
-        from ..plugin import plugin_icon
+        from ..icon import plugin_icon
 
         return plugin_icon()
 

@@ -200,7 +200,7 @@ def test_client_needs_only_the_standard_library():
     assert "(2, 2, 3)" in res.stdout
 
 
-SERVE = ("import argparse, sys\nfrom training.commands import serve\n"
+SERVE = ("import argparse, sys\nfrom refound_core.inference.commands import serve\n"
          "p = argparse.ArgumentParser(); serve.add_arguments(p)\nsys.exit(serve.run(p.parse_args(sys.argv[1:])))\n")
 
 

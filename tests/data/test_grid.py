@@ -144,3 +144,20 @@ def test_projected_extent_without_epsg_or_metres_falls_back_to_utm():
     g = Grid.for_extent((440_000, 4_410_000, 450_000, 4_420_000), custom)
     assert g.crs == "EPSG:32650"
     assert len(g.cells_for_extent(440_000, 4_410_000, 450_000, 4_420_000, extent_crs=custom)) > 1500
+
+
+@pytest.mark.parametrize("block_cells, sizes", [(12, [10, 10, 10, 5]), (3, [3, 2] * 7), (100, [35])])
+def test_blocks_partition_the_cells_in_order(block_cells, sizes):
+    """The pipeline's blocks (every entry point: CLI, dock, Processing) are rectangles that,
+    read one after another, give every cell once in the north-west, row-by-row order."""
+    from refound_core.data.grid import CellGrid
+
+    grid = CellGrid("EPSG:32650", 256.0)
+    ranges = (10, 15, -3, 4)  # 5 columns x 7 rows
+    blocks = list(grid.blocks(ranges, block_cells))
+    cells = [list(grid.cells_of_ranges(b)) for b in blocks]
+    assert [len(c) for c in cells] == sizes
+    assert [c.id for b in cells for c in b] == [c.id for c in grid.cells_of_ranges(ranges)]
+    for b, got in zip(blocks, cells):
+        x0, y0, x1, y1 = grid.bounds_of_ranges(b)
+        assert all(x0 <= c.bounds[0] and c.bounds[2] <= x1 and y0 <= c.bounds[1] and c.bounds[3] <= y1 for c in got)

@@ -175,7 +175,7 @@ def test_embed_writes_geoparquet(uv_checkpoint, uv_predictor, city, tmp_path):
 def test_cli_predict_prints_breakdown(uv_checkpoint, city, tmp_path, capsys):
     import argparse
 
-    from training.commands import predict
+    from refound_core.inference.commands import predict
 
     parser = argparse.ArgumentParser()
     predict.add_arguments(parser)

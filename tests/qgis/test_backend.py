@@ -1,6 +1,7 @@
 """Where the model runs: the run-time choice, the HTTP runner, and a real local backend process."""
 from __future__ import annotations
 
+import math
 import os
 import sys
 
@@ -73,23 +74,26 @@ class _StubClient:
         self.canceled += 1
 
 
-def test_http_runner_cancel_stops_within_one_batch(qgis_app):
+def test_remote_predictor_cancel_stops_within_one_batch(qgis_app):
+    """The backend's model behind the predictor protocol (what run_analysis drives for the dock's
+    local / remote backends): a cancel stops before the next request goes out."""
+    from refound_core.backend.remote import RemotePredictor
     from refound_core.data.sample import RegionSample
-    from refound_qgis.backend import HttpRunner
+    from refound_core.inference.predictor import AnalysisCanceled
 
     samples = [RegionSample(f"{EPSG}/256/{i}_0", (i * CELL, 0.0, (i + 1) * CELL, CELL), EPSG) for i in range(10)]
     flag = {"cancel": False}
-    runner = HttpRunner.__new__(HttpRunner)
-    runner.description, runner.info, runner._canceled = "stub", {}, False
-    runner.client = _StubClient(lambda n: flag.update(cancel=n >= 2))
-    out = runner.run(samples, "population", 3, lambda f: None, lambda: flag["cancel"])
-    assert out is None and runner.client.calls == [3, 3]  # the batch after the cancel never went out
-    runner2 = HttpRunner.__new__(HttpRunner)
-    runner2.description, runner2.info, runner2._canceled = "stub", {}, False
-    runner2.client = _StubClient(lambda n: None)
-    got = runner2.run(samples, "population", 4, lambda f: None, lambda: False)
-    assert [r["cell_id"] for r in got] == [s.cell_id for s in samples]
-    assert all(tuple(r["bounds"]) == s.bounds for r, s in zip(got, samples))
+    info = {"task": "population", "kind": "regression"}
+    runner = RemotePredictor(batch_size=3, description="stub", client=_StubClient(lambda n: flag.update(cancel=n >= 2)))
+    runner._info = info
+    with pytest.raises(AnalysisCanceled):
+        list(runner.predict_samples(samples, "population", is_canceled=lambda: flag["cancel"]))
+    assert runner.client.calls == [3, 3]  # the batch after the cancel never went out
+    runner2 = RemotePredictor(batch_size=4, description="stub", client=_StubClient(lambda n: None))
+    runner2._info = info
+    got = list(runner2.predict_samples(samples, "population", is_canceled=lambda: False))
+    assert [r.cell_id for r in got] == [s.cell_id for s in samples]
+    assert all(tuple(r.bounds) == s.bounds for r, s in zip(got, samples))
     runner2.cancel()
     assert runner2.client.canceled == 1
 
@@ -129,8 +133,8 @@ def test_local_backend_process_matches_in_process(qgis_app, project, scene_layer
     want = {c.cell_id: c.value for c in inproc.cells if c.sufficient}
     assert len(want) == IMAGE_COLS * SCENE_CELLS
     for got in (got_local, got_remote):
-        vals = {r["cell_id"]: r["value"] for r in got.cells if r["sufficient"]}
+        vals = {r.cell_id: r.value for r in got.cells if r.sufficient}
         assert vals.keys() == want.keys()
         for k, v in want.items():
             assert vals[k] == pytest.approx(v, rel=1e-4, abs=1e-4)
-        assert all(r["value"] is None for r in got.cells if not r["sufficient"])
+        assert all(math.isnan(r.value) for r in got.cells if not r.sufficient)

@@ -161,19 +161,19 @@ def test_field_mapping_remembered_per_layer(qtbot, dock, scene_layers):
 
 
 def test_cancel_leaves_no_layer_and_no_file(qtbot, dock, project, scene_layers, checkpoints, tmp_path, monkeypatch):
-    from refound_qgis import layer_io
+    from refound_qgis.sources import QgisCellSource
 
     pois, img = scene_layers
     out = tmp_path / "canceled.gpkg"
     _fill(dock, pois, img, checkpoints["root"], "urban_village", str(out))
-    real = layer_io.build_samples
+    real = QgisCellSource.read_block
 
-    def build_then_cancel(*args, **kwargs):
-        samples = real(*args, **kwargs)
+    def read_then_cancel(self, cells):
+        samples = real(self, cells)
         dock.current_task.cancel()  # the user presses Cancel while the model is about to run
         return samples
 
-    monkeypatch.setattr(layer_io, "build_samples", build_then_cancel)
+    monkeypatch.setattr(QgisCellSource, "read_block", read_then_cancel)
     before = set(_layers(project))
     layer, message = _run(qtbot, dock)
     assert layer is None and "canceled" in message.lower()
@@ -233,10 +233,13 @@ def test_wrong_inputs_give_a_message_and_no_layer(qtbot, dock, iface, project, s
 
 
 def test_block_size_does_not_change_results(project, scene_layers, checkpoints, monkeypatch):
-    """Cells go through imagery reading and the model block by block; the split is invisible."""
+    """Cells go through imagery reading and the model block by block (the core pipeline's
+    blocks); the split is invisible."""
     from qgis.core import QgsCoordinateReferenceSystem
 
+    from refound_core.inference import pipeline
     from refound_qgis import layer_io, task
+    from refound_qgis.sources import QgisCellSource
 
     pois, img = scene_layers
     params = task.AnalysisParams(task="population", extent=scene_extent(), extent_crs=QgsCoordinateReferenceSystem(EPSG),
@@ -244,9 +247,10 @@ def test_block_size_does_not_change_results(project, scene_layers, checkpoints, 
                                  pois=layer_io.PoiInput.from_layer(pois, "title", "kind"),
                                  imagery=layer_io.ImageryInput.from_layer(img))
     whole = task.execute(params)
-    monkeypatch.setattr(task, "BLOCK_CELLS", 3)  # 4 columns: one row per block
+    monkeypatch.setattr(pipeline, "BLOCK_CELLS", 4)  # 4 columns: one row per block
     seen = []
-    monkeypatch.setattr(layer_io, "build_samples", lambda plan, *a, _f=layer_io.build_samples, **k: seen.append(len(plan)) or _f(plan, *a, **k))
+    real = QgisCellSource.read_block
+    monkeypatch.setattr(QgisCellSource, "read_block", lambda self, cells: seen.append(len(cells)) or real(self, cells))
     progress = []
     split = task.execute(params, progress.append)
     assert seen == [4, 4, 4, 4]

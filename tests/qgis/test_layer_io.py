@@ -1,4 +1,5 @@
-"""QGIS layers -> RegionSample: stable grid, POIs binned after reprojection, chips rendered by QGIS."""
+"""QGIS layers -> RegionSample through the core pipeline's grid and blocks (QgisCellSource):
+stable grid, POIs binned after reprojection, chips rendered by QGIS."""
 from __future__ import annotations
 
 
@@ -15,6 +16,14 @@ def _crs(authid):
     return QgsCoordinateReferenceSystem(authid)
 
 
+def _samples(pois, imagery, rect, chip, crs=EPSG):
+    """The RegionSamples run_analysis would hand the model for ``rect`` (core grid and blocks)."""
+    from refound_core.inference.pipeline import AnalysisRequest, collect_samples
+    from refound_qgis.sources import QgisCellSource
+
+    return collect_samples(AnalysisRequest(cell_size=CELL), QgisCellSource(pois, imagery, rect, _crs(crs)), chip)
+
+
 def test_grid_matches_core_grid_and_is_stable(qgis_app):
     from qgis.core import QgsCoordinateTransform, QgsProject, QgsRectangle
 
@@ -27,9 +36,6 @@ def test_grid_matches_core_grid_and_is_stable(qgis_app):
     core = Grid(EPSG, CELL).cells_for_extent(rect.xMinimum(), rect.yMinimum(), rect.xMaximum(), rect.yMaximum())
     assert [c.id for c in plan.cells] == [c.id for c in core]
     assert [c.bounds for c in plan.cells] == [c.bounds for c in core]
-    # ... and the pyproj-free arithmetic gives the same ids and bounds.
-    arith = layer_io._GridArithmetic(EPSG, CELL)
-    assert all(arith.cell(c.col, c.row) == c for c in core)
     # Panning by less than a cell keeps every shared cell's id and bounds (fixed origin).
     moved = layer_io.plan_grid(QgsRectangle(X0 + 130, Y0 + 10, X0 + 800, Y0 + 840), _crs(EPSG), CELL)
     shared = {c.id: c.bounds for c in plan.cells}.keys() & {c.id for c in moved.cells}
@@ -77,7 +83,7 @@ def test_samples_from_layers(scene_layers, scene):
     pois = layer_io.PoiInput.from_layer(pois_layer, "title", "kind")
     imagery = layer_io.ImageryInput.from_layer(img_layer)
     chip = 64  # 256 m / 64 px = 4 m: the raster's own pixel size, so chips are exact copies
-    samples = layer_io.build_samples(plan, pois, imagery, chip)
+    samples = _samples(pois, imagery, rect, chip)
     assert [s.cell_id for s in samples] == [c.id for c in plan.cells]
 
     # POIs: each sample holds exactly the scene POIs inside its bounds (reprojected from lon/lat).
@@ -118,20 +124,23 @@ def test_partial_coverage_and_missing_imagery(project, tmp_path, scene):
     write_geotiff(tmp_path / "half.tif", X0, Y0 + CELL, 32, 64, 4.0, seed=3)
     half = QgsRasterLayer(str(tmp_path / "half.tif"), "half")
     project.addMapLayer(half)
-    plan = layer_io.plan_grid(QgsRectangle(X0 + 1, Y0 + 1, X0 + 2 * CELL - 1, Y0 + CELL - 1), _crs(EPSG), CELL)
-    chips = {cid: cov for cid, _, cov in layer_io.read_image_chips(layer_io.ImageryInput.from_layer(half), plan, 64)}
-    assert sorted(chips.values()) == pytest.approx([0.0, 0.5])
+    got = _samples(None, layer_io.ImageryInput.from_layer(half),
+                   QgsRectangle(X0 + 1, Y0 + 1, X0 + 2 * CELL - 1, Y0 + CELL - 1), 64)
+    assert sorted(s.image_coverage for s in got) == pytest.approx([0.0, 0.5])
     # Nodata pixels count as not covered (QGIS's renderer makes them transparent).
     write_geotiff(tmp_path / "nodata.tif", X0, Y0 + CELL, 64, 64, 4.0, seed=4, nodata_block=True)
     nod = QgsRasterLayer(str(tmp_path / "nodata.tif"), "nodata")
     project.addMapLayer(nod)
-    one = layer_io.plan_grid(QgsRectangle(X0 + 1, Y0 + 1, X0 + CELL - 1, Y0 + CELL - 1), _crs(EPSG), CELL)
-    [(cid, rgb, cov)] = list(layer_io.read_image_chips(layer_io.ImageryInput.from_layer(nod), one, 64))
+    [s] = _samples(None, layer_io.ImageryInput.from_layer(nod), QgsRectangle(X0 + 1, Y0 + 1, X0 + CELL - 1, Y0 + CELL - 1),
+                   64)
+    rgb, cov = s.image, s.image_coverage
     assert cov == pytest.approx(0.5) and not rgb[:, :32].any() and rgb[:, 32:].all()
+    # ... and the model is told which pixels hold data (the coverage-aware inputs' mask).
+    assert s.image_valid is not None and not s.image_valid[:, :32].any() and s.image_valid[:, 32:].all()
     # A raster far away from the extent: one clear error.
-    far = layer_io.plan_grid(QgsRectangle(X0 + 50 * CELL, Y0, X0 + 52 * CELL, Y0 + CELL), _crs(EPSG), CELL)
     with pytest.raises(InputError, match="does not cover"):
-        layer_io.check_imagery_covers(layer_io.ImageryInput.from_layer(half), far)
+        _samples(None, layer_io.ImageryInput.from_layer(half), QgsRectangle(X0 + 50 * CELL, Y0, X0 + 52 * CELL, Y0 + CELL),
+                 64)
 
 
 def test_poi_input_checks_fields(scene_layers):
@@ -145,17 +154,3 @@ def test_poi_input_checks_fields(scene_layers):
         layer_io.PoiInput.from_layer(pois_layer, "title", "")
     with pytest.raises(InputError, match="No POI layer"):
         layer_io.PoiInput.from_layer(None, "title", "kind")
-
-
-def test_row_blocks_partition_the_plan(qgis_app):
-    from qgis.core import QgsRectangle
-
-    from refound_qgis import layer_io
-
-    plan = layer_io.plan_grid(QgsRectangle(X0 + 1, Y0 + 1, X0 + 5 * CELL - 1, Y0 + 7 * CELL - 1), _crs(EPSG), CELL)
-    blocks = list(plan.row_blocks(12))  # 5 columns: 2 rows (10 cells) per block
-    assert [len(b) for b in blocks] == [10, 10, 10, 5]
-    assert [c.id for b in blocks for c in b.cells] == [c.id for c in plan.cells]
-    for b in blocks:
-        ext = b.extent
-        assert all(ext.contains(QgsRectangle(*c.bounds)) for c in b.cells)

@@ -138,7 +138,7 @@ def pretrain_argv(variant: str, s: AblationSettings, out: Path) -> list:
 def variant_train_config(variant: str, s: AblationSettings, out: Path):
     """The :class:`~training.pretrain.engine.TrainConfig` of one variant, resolved exactly as
     ``refound pretrain`` resolves its flags (defaults < --config file < flags)."""
-    from training.commands import pretrain as pretrain_cmd
+    from training.pretrain import options as pretrain_cmd
     from training.pretrain.engine import TrainConfig
 
     parser = argparse.ArgumentParser(prog="refound pretrain")

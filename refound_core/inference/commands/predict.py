@@ -14,6 +14,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from refound_core.data.featurize import DEFAULT_MIN_IMAGE_COVERAGE
+
 PREDICT_TASKS = ("urban_village", "population", "commercial")
 
 
@@ -32,6 +34,16 @@ def parse_extent(text: str) -> tuple:
     return numbers, (parts[4] or None) if len(parts) == 5 else None
 
 
+def _coverage(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        v = float("nan")
+    if not 0.0 <= v <= 1.0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a share in [0, 1] (e.g. 0.25)")
+    return v
+
+
 def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", required=True, help="checkpoint folder (refound fine-tune / convert-paddle)")
     parser.add_argument("--pois", default=None, help="POI file: GeoPackage, Shapefile, GeoJSON or .osm.pbf")
@@ -44,6 +56,10 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cell-size", type=float, default=256.0, help="grid cell size in metres (paper: 256)")
     parser.add_argument("--batch-size", type=int, default=None, help="regions per forward pass (default: 64 GPU, 16 CPU)")
     parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N")
+    parser.add_argument("--min-image-coverage", type=_coverage, default=DEFAULT_MIN_IMAGE_COVERAGE,
+                        help="share of valid (non-no-data) pixels a cell's chip needs for the image to be used, "
+                             f"in [0, 1] (default: {DEFAULT_MIN_IMAGE_COVERAGE:g}); the per-cell image_used column "
+                             "says whether it was")
     parser.add_argument("--quiet", action="store_true", help="no progress output")
 
 
@@ -84,7 +100,8 @@ def request_from_args(args: argparse.Namespace, task: str):
                            cell_size=args.cell_size, pois=args.pois, poi_layer=args.poi_layer,
                            name_field=args.name_field, category_field=args.category_field,
                            imagery=args.imagery, device=args.device, batch_size=args.batch_size,
-                           embeddings=tuple(getattr(args, "embeddings", None) or ("h_P", "h_S", "fused")))
+                           embeddings=tuple(getattr(args, "embeddings", None) or ("h_P", "h_S", "fused")),
+                           min_image_coverage=args.min_image_coverage)
 
 
 def _checkpoint_task(checkpoint) -> str:

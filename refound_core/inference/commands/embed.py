@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import argparse
 
-from training.commands.predict import add_common_arguments, execute
+from refound_core.inference.commands.predict import add_common_arguments, execute
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
