@@ -186,3 +186,39 @@ def test_masked_batch_keeps_geo_positions(pretrain_ds):
     no_image = ~masked["has_image"]
     assert no_image.any() and not masked["masked_patches"][no_image].any()
     assert not masked["visual_tokens_valid"][no_image].any()
+
+
+def test_init_continues_from_a_checkpoint_with_its_vocabulary(tmp_path, pretrain_ds, one_thread):
+    """--init: the run starts from the checkpoint's backbone and keeps its tokenizer and category
+    vocabulary (another dataset's ids would scramble the trained embeddings), and says so."""
+    from safetensors.torch import load_file
+
+    from refound_core.model.checkpoint import load_checkpoint
+    from tests.training.pretrain_fixtures import build_dataset
+
+    other = build_dataset(tmp_path / "other", n=16, seed=5)
+    first = tmp_path / "first"
+    train(_small(pretrain_ds, first, steps=2))
+    tiny_lr = 1e-12  # AdamW moves each weight by about lr: far below the tolerance below
+    cont = tmp_path / "cont"
+    train(_small(other, cont, steps=1, lr=tiny_lr, warmup_steps=0, init=str(first), preset="base"))
+    scratch = tmp_path / "scratch"
+    train(_small(other, scratch, steps=1, lr=tiny_lr, warmup_steps=0, seed=7))
+
+    a, b, c = (load_file(str(p / "model.safetensors")) for p in (first, cont, scratch))
+    assert load_checkpoint(cont).config.name == "refound_tiny"  # the checkpoint's architecture, not --preset
+    assert set(a) == set(b)
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], atol=1e-6, rtol=0, msg=k)
+    assert any(not torch.allclose(c[k], a[k], atol=1e-3) for k in a if c[k].shape == a[k].shape)
+    for name in (p.name for p in (first / "tokenizer").iterdir()):
+        assert (cont / "tokenizer" / name).read_bytes() == (first / "tokenizer" / name).read_bytes()
+    assert (cont / "category_vocab.json").read_bytes() == (first / "category_vocab.json").read_bytes()
+    prov = json.loads((cont / "provenance.json").read_text())
+    assert prov["pretraining"]["init"]["checkpoint"] == str(first.resolve())
+    assert prov["training_data"]["folder"] == str(other.resolve())
+
+    with pytest.raises(InputError, match="not a loadable ReFound checkpoint"):
+        train(_small(other, tmp_path / "bad", steps=1, init=str(tmp_path / "missing")))
+    with pytest.raises(InputError, match="architecture comes from the checkpoint"):
+        train(_small(other, tmp_path / "bad2", steps=1, init=str(first), model={"use_moge": False}))

@@ -10,6 +10,7 @@ Examples::
     refound pretrain --preset tiny --data DS --steps 200 --out runs/tiny
     refound pretrain --preset base --data DS --epochs 300 --out runs/base      # paper A.2.1
     refound pretrain --out runs/base --resume                                  # after a crash
+    refound pretrain --init runs/base --data MY_IMAGERY --steps 500 --out runs/base-mine  # continued
     torchrun --nproc_per_node 4 -m training.cli pretrain --preset base --data DS --epochs 300 \\
         --batch-size 20 --out runs/base                                       # 4 GPUs, global batch 80
     refound pretrain ... --no-cmsa          # ablation "w/o CMSA" (paper 5.2.2); --no-moge = "w/o MoGE"

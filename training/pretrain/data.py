@@ -85,6 +85,29 @@ class PretrainData:
     category_vocab: object   # CategoryVocab
     targets: object          # TeacherTargets
     teacher_folder: Path
+    tokenizer_dir: Optional[Path] = None   # saved with the checkpoint (default: the dataset's)
+    vocab_file: Optional[Path] = None
+
+    def __post_init__(self):
+        if self.tokenizer_dir is None:
+            self.tokenizer_dir = self.dataset.tokenizer_path
+        if self.vocab_file is None:
+            self.vocab_file = self.dataset.vocab_path
+
+    def adopt_vocabulary(self, files: dict) -> None:
+        """Encode POIs with a checkpoint's tokenizer and category vocabulary (``files`` as in
+        ``LoadedCheckpoint.files``) instead of the dataset's, so continued pre-training from that
+        checkpoint (``--init``) keeps the token and category ids its embeddings were trained on;
+        words or categories the checkpoint never saw become [UNK]."""
+        from refound_core.data.tokenizer import PoiTokenizer
+        from refound_core.data.vocab import CategoryVocab
+
+        if "tokenizer" not in files or "category_vocab" not in files:
+            raise InputError("--init checkpoint stores no tokenizer / category vocabulary; start from a checkpoint "
+                             "written by `refound pretrain`")
+        self.tokenizer = PoiTokenizer.load(files["tokenizer"])
+        self.category_vocab = CategoryVocab.load(files["category_vocab"])
+        self.tokenizer_dir, self.vocab_file = Path(files["tokenizer"]), Path(files["category_vocab"])
 
     @classmethod
     def open(cls, folder, patches_per_side: int, teachers=None, target_norm: str = "raw") -> "PretrainData":

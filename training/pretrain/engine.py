@@ -101,6 +101,7 @@ class TrainConfig:
     find_unused_parameters: bool = True
     model: dict = field(default_factory=dict)
     losses: dict = field(default_factory=dict)
+    init: Optional[str] = None  # continue pre-training from this checkpoint's backbone (--init)
 
     def __post_init__(self):
         self.betas = tuple(self.betas)
@@ -339,6 +340,30 @@ def _check_resumable(saved: dict, cfg: TrainConfig) -> None:
                          + ". Resume with the same settings (the step count and lr may change)")
 
 
+def _load_init(cfg: TrainConfig):
+    """The ``--init`` checkpoint (backbone only). Its architecture replaces ``--preset``/``model``."""
+    from refound_core.model.checkpoint import CheckpointError, load_checkpoint
+
+    if cfg.model:
+        raise InputError(f"--init {cfg.init}: the architecture comes from the checkpoint; drop the model "
+                         f"settings {sorted(cfg.model)} (or start from scratch without --init)")
+    try:
+        return load_checkpoint(cfg.init, with_head=False)
+    except (CheckpointError, FileNotFoundError, OSError) as exc:
+        raise InputError(f"--init {cfg.init} is not a loadable ReFound checkpoint ({exc}); pass the folder "
+                         "written by `refound pretrain`") from None
+
+
+def _init_provenance(init) -> dict:
+    """Where a continued pre-training started: the checkpoint, its weights' identity, and what it
+    had been trained on with which teachers (so the chain of teachers stays visible)."""
+    from refound_core.model.checkpoint import checkpoint_identity, teachers_of
+
+    prov = init.provenance or {}
+    return {"checkpoint": str(Path(init.path).resolve()), "identity": checkpoint_identity(init.path),
+            "training_data": (prov.get("training_data") or {}).get("folder"), "teachers": teachers_of(prov)}
+
+
 def _final_checkpoint(out: Path, backbone: nn.Module, data: PretrainData, provenance: dict) -> Path:
     """The model checkpoint in ``out`` (next to ``training/``), via save_checkpoint.
 
@@ -350,8 +375,8 @@ def _final_checkpoint(out: Path, backbone: nn.Module, data: PretrainData, proven
 
     tmp = out.parent / f".{out.name}.final-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    vocab = data.dataset.vocab_path
-    save_checkpoint(tmp, backbone, tokenizer_dir=data.dataset.tokenizer_path,
+    vocab = data.vocab_file
+    save_checkpoint(tmp, backbone, tokenizer_dir=data.tokenizer_dir,
                     category_vocab=str(vocab) if vocab is not None else None,
                     codebook={"centroids": torch.from_numpy(np.asarray(data.targets.codebook.centroids))},
                     extra_files={"codebook_meta.json": {"normalize": bool(data.targets.codebook.normalize),
@@ -408,16 +433,21 @@ def _train(cfg: TrainConfig, info: D.DistInfo, resume: bool) -> TrainResult:
         raise InputError(error)
 
     loss_cfg = cfg.loss_config()
+    init = _load_init(cfg) if cfg.init else None
     try:
-        model_cfg = preset(cfg.preset, **cfg.model)
+        model_cfg = init.config if init is not None else preset(cfg.preset, **cfg.model)
     except (TypeError, ValueError) as exc:
         raise InputError(f"bad model settings for preset {cfg.preset!r}: {exc}") from None
     data = PretrainData.open(cfg.data, model_cfg.patches_per_side, cfg.teachers, loss_cfg.teacher_targets)
+    if init is not None:
+        data.adopt_vocabulary(init.files)
     model_cfg = model_cfg.replace(vocab_size=data.vocab_size, num_categories=data.num_categories)
     featurizer = data.featurizer(model_cfg)
 
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
     backbone = ReFound(model_cfg)
+    if init is not None and not resume:
+        backbone.load_state_dict(init.model.state_dict())  # heads stay fresh: they fit this run's teachers
     heads = PretrainHeads(model_cfg, loss_cfg, proj_dim=loss_cfg.dvlfm_proj_dim or None, **data.dims)
     device = info.device
     module = PretrainModule(backbone, heads, loss_cfg, compile=cfg.compile).to(device)
@@ -511,6 +541,8 @@ def _train(cfg: TrainConfig, info: D.DistInfo, resume: bool) -> TrainResult:
             prov = {**data.provenance(), "pretraining": {"steps": step, "objectives": list(loss_cfg.active()),
                                                          "teacher_targets": loss_cfg.teacher_targets,
                                                          "config": str(run_dir / CONFIG_NAME)}}
+            if init is not None:
+                prov["pretraining"]["init"] = _init_provenance(init)
             _final_checkpoint(out, backbone, data, prov)
             logger.message(f"saved checkpoint {out} after {step} steps ({counters['skipped']} skipped)")
         D.barrier(info)

@@ -26,6 +26,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", metavar="CKPT", required=False, default=S,
                    help="output folder: the checkpoint, plus training/ with logs and resumable states")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its latest state")
+    p.add_argument("--init", metavar="CKPT", default=S,
+                   help="start from this pre-trained checkpoint's backbone (continued pre-training, e.g. on your "
+                        "own imagery): its architecture, tokenizer and category vocabulary; fresh heads, "
+                        "optimizer and schedule")
     p.add_argument("--config", metavar="FILE", default=S, help="YAML or JSON file with settings (below flags)")
     for name in ABLATION_FLAGS:
         what = "all three distillations (w/o Dist)" if name == "dist" else (
