@@ -76,6 +76,7 @@ def test_config_precedence_defaults_file_flags(tmp_path):
     assert cfg.loss_config().active() == ("mgdm", "cmsa")
     d = pretrain_cmd.resolve_config(_parse(["--no-mgdm", "--epochs", "2"]))
     assert not d["losses"]["mgdm"] and not d["losses"]["cmsa"] and d["losses"]["dlfm"]
+    assert d["init"] is None and pretrain_cmd.resolve_config(_parse(["--init", "CK", "--steps", "1"]))["init"] == "CK"
 
 
 def test_bad_settings_are_input_errors(tmp_path, pretrain_ds):

@@ -111,7 +111,7 @@ def resolve_config(args) -> dict:
     flags = {}
     for key in ("preset", "data", "teachers", "steps", "epochs", "out", "batch_size", "lr", "warmup_steps",
                 "warmup_epochs", "grad_accum", "clip", "save_every", "log_every", "compile", "device",
-                "precision", "seed", "workers"):
+                "precision", "seed", "workers", "init"):
         if key in given:
             flags[key] = given[key]
     losses = {name: False for name in ("dlfm", "dvfm", "dvlfm", "mgdm", "cmsa") if given.get(f"no_{name}")}
