@@ -24,6 +24,8 @@ from qgis.core import (
     QgsWkbTypes,
 )
 
+# module level on purpose: the plugin zip ships the modules imported here (featurize needs only numpy at import)
+from refound_core.data.featurize import DEFAULT_MIN_IMAGE_COVERAGE
 from refound_core.errors import InputError
 
 from .. import layer_io, results, settings
@@ -42,7 +44,6 @@ class PredictAlgorithm(RefoundAlgorithm):
     OUTPUT = "OUTPUT"
 
     def initAlgorithm(self, config=None):  # noqa: N802
-        from refound_core.data.featurize import DEFAULT_MIN_IMAGE_COVERAGE
 
         self.addParameter(QgsProcessingParameterExtent(self.EXTENT, tr("Extent to analyse")))
         self.addParameter(QgsProcessingParameterFeatureSource(self.POIS, tr("POI layer (points)"),
