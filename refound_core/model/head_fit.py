@@ -29,7 +29,7 @@ def fit_frozen_head(checkpoint: str, meta: dict, samples: list, targets: dict, t
 
     from refound_core.inference.predictor import AnalysisCanceled, Predictor
     from refound_core.model.checkpoint import save_checkpoint
-    from refound_core.model.heads import TaskHead
+    from refound_core.model.heads import TaskHead, fold_token_standardization
 
     torch.manual_seed(int(seed))
     pred = Predictor(checkpoint, device=device)
@@ -85,9 +85,7 @@ def fit_frozen_head(checkpoint: str, meta: dict, samples: list, targets: dict, t
         progress(70.0 + 25.0 * (epoch + 1) / epochs)
     head.eval()
     with torch.no_grad():
-        fc1 = head.mlp.fc1
-        fc1.weight.div_(sigma)
-        fc1.bias.sub_(fc1.weight @ mu)
+        fold_token_standardization(head, mu, sigma)  # average fusion: the fused mean is an affine image
         out_t = head.predict(zt, pt).squeeze(-1).cpu().numpy()
     if kind == "binary":
         metric = float(((out_t >= 0.5) == (y >= 0.5)).mean())

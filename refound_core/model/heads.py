@@ -111,6 +111,34 @@ class TaskHead(nn.Module):
         return out
 
 
+def token_standardization(z: torch.Tensor, presence: torch.Tensor, rows, floor_share: float = 0.05):
+    """``(mu, sigma)`` ``[H]`` of the present region tokens of ``rows`` (both modalities pooled, so
+    one affine map serves h[P] and h[S] and folds through either fusion, see
+    :func:`fold_token_standardization`). sigma has a floor of ``floor_share`` of the tokens' RMS:
+    dimensions that barely vary would otherwise get huge weights that bf16 inference cannot
+    reproduce."""
+    sel = z[rows][presence[rows].bool()]
+    if sel.shape[0] == 0:
+        return torch.zeros(z.shape[-1]), torch.ones(z.shape[-1])
+    sel = sel.double()
+    floor = floor_share * sel.pow(2).mean().sqrt().clamp_min(1e-6)
+    mu, sigma = sel.mean(0), torch.sqrt(sel.var(0, unbiased=False) + floor ** 2)
+    return mu.float(), sigma.float()
+
+
+@torch.no_grad()
+def fold_token_standardization(head: TaskHead, mu: torch.Tensor, sigma: torch.Tensor) -> TaskHead:
+    """Turn a head trained on standardised tokens ``(z - mu) / sigma`` into the same function of the
+    raw tokens, in place: both fusions commute with a shared affine map (AttnPool's and the
+    average's weights sum to 1), so ``l1`` of AttnPool and the MLP's first layer absorb it
+    (``W' = W / sigma, b' = b - W' mu``). The saved head stays a plain TaskHead on raw embeddings."""
+    layers = [head.mlp.fc1] + ([head.pool.l1] if head.pool is not None else [])
+    for layer in layers:
+        layer.weight.div_(sigma.to(layer.weight))
+        layer.bias.sub_(layer.weight @ mu.to(layer.weight))
+    return head
+
+
 class ReFoundWithHead(nn.Module):
     """Backbone + task head for fine-tuning (trainable backbone) or linear/MLP probing on a
     frozen backbone (``freeze_backbone=True``: no gradients, backbone kept in eval mode)."""

@@ -85,3 +85,29 @@ def test_trainable_backbone_gets_gradients(tiny_model, make_batch):
     assert model.backbone.embeddings.poi.word_embed.weight.grad is not None
     assert model.backbone.encoder.layers[0].ffn_poi.mlp.fc1.weight.grad.abs().sum() > 0
     assert model.predict(batch).shape == (4, 1)
+
+
+@pytest.mark.parametrize("fusion", ["average", "attention"])
+def test_folded_standardisation_is_the_same_function_of_raw_tokens(fusion):
+    """A head trained on (z - mu) / sigma, folded, gives on raw z what it gave on standardised z,
+    with one modality missing in some rows too."""
+    from refound_core.model.heads import fold_token_standardization, token_standardization
+
+    torch.manual_seed(0)
+    h = 16
+    z = torch.randn(12, 2, h) * torch.linspace(0.01, 5.0, h) + torch.linspace(-3.0, 3.0, h)
+    presence = torch.ones(12, 2, dtype=torch.bool)
+    presence[:4, 0] = False
+    presence[4:6, 1] = False
+    mu, sigma = token_standardization(z, presence, torch.arange(8))
+    sel = z[:8][presence[:8]]
+    torch.testing.assert_close(mu, sel.mean(0), atol=1e-5, rtol=1e-5)
+    assert (sigma >= sel.std(0, unbiased=False) - 1e-5).all() and (sigma > 0).all()
+    head = TaskHead(h, kind="regression", fusion=fusion).eval()
+    with torch.no_grad():
+        for p in head.parameters():
+            p.normal_()
+        want = head((z - mu) / sigma, presence)
+        fold_token_standardization(head, mu, sigma)
+        got = head(z, presence)
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)

@@ -10,7 +10,7 @@ import torch
 
 from refound_core.errors import InputError
 from refound_core.model.checkpoint import checkpoint_identity, load_checkpoint
-from refound_core.model.heads import ReFoundWithHead, TaskHead
+from refound_core.model.heads import ReFoundWithHead, TaskHead, fold_token_standardization, token_standardization
 from refound_core.model.precision import autocast
 from refound_core.model.refound import ReFound
 from training.finetune.loop import fit_and_select, layer_decay_groups
@@ -136,6 +136,12 @@ class _ReFoundFeatureBased(Method):
         ctx = self.ctx
         tokens, presence = self.embeddings(seed)
         tokens_t, presence_t = torch.from_numpy(tokens), torch.from_numpy(presence)
+        # The head trains on tokens standardised with the training split's statistics and the
+        # scaling is folded back afterwards, as the plugin's head fitting does
+        # (refound_core.model.head_fit): raw frozen embeddings differ little between regions and
+        # their scale depends on the checkpoint, which would make the comparison one of scales.
+        mu, sigma = token_standardization(tokens_t, presence_t, torch.as_tensor(np.asarray(split.train)))
+        tokens_t = (tokens_t - mu) / sigma
         torch.manual_seed(seed)
         fusion = ctx.options.get("fusion") or FUSION_FEATURE.get(task.name, "average")
         head = TaskHead(tokens.shape[-1], kind=task.kind, num_classes=task.num_outputs, fusion=fusion)
@@ -160,6 +166,7 @@ class _ReFoundFeatureBased(Method):
                                            split.test, epochs=ctx.options.get("feature_epochs", 40),
                                            lr=ctx.lr or self.default_lr, warmup_epochs=ctx.warmup_epochs,
                                            seed=seed, log=ctx.options.get("log"))
+        fold_token_standardization(head, mu, sigma)
         return result, head, scaler
 
 
