@@ -30,10 +30,13 @@ HELSINKI_POIS = SHARED / "data/helsinki/Helsinki.osm.pbf"
 HELSINKI_POP = SHARED / "data/helsinki/helsinki_population_grid_2020.gpkg"
 
 # A short budget needs a higher peak lr and a short warm-up than the paper's 300 epochs (5e-5, 5 epochs).
-QUICK = dict(preset="small", corpus_seed=11, corpus_km=3.0, city_seed=22, city_km=2.5, steps=40, batch=8,
-             lr=3e-4, warmup_steps=4, eval_runs=3, feature_epochs=40)
+# The corpus and city sizes and 120 steps are the smallest recipe whose pre-training measurably pays on
+# urban villages (docs/EVALUATION.md "Current standing"); the template describer is the labelled fast
+# option of DLFM (SmolLM2 descriptions take ~10 min more on 2 cores, docs/PRETRAINING.md).
+QUICK = dict(preset="small", corpus_seed=11, corpus_km=6.0, city_seed=22, city_km=4.0, steps=120, batch=8,
+             lr=5e-4, warmup_steps=10, eval_runs=5, feature_epochs=40, describer="template")
 FULL = dict(preset="base", corpus_seed=11, corpus_km=12.0, city_seed=22, city_km=6.0, steps=6000, batch=80,
-            lr=1e-4, warmup_steps=300, eval_runs=5, feature_epochs=40)
+            lr=1e-4, warmup_steps=300, eval_runs=5, feature_epochs=40, describer="smollm2")
 
 T0 = time.time()
 
@@ -90,7 +93,7 @@ def main(argv=None) -> int:
         print(f"inputs unchanged: reusing {ckpt}")
     else:
         shutil.rmtree(ckpt, ignore_errors=True)
-        refound("teachers", "--data", corpus_ds)
+        refound("teachers", "--data", corpus_ds, "--describer", p["describer"])
         refound("pretrain", "--preset", p["preset"], "--data", corpus_ds, "--steps", p["steps"],
                 "--batch-size", p["batch"], "--lr", p["lr"], "--warmup-steps", p["warmup_steps"],
                 "--device", args.device, "--out", ckpt)
