@@ -89,7 +89,7 @@ def remove(key: str) -> None:
 
 
 def _layer_key(layer_source: str) -> str:
-    return "layers/" + hashlib.sha1(layer_source.encode("utf-8")).hexdigest()[:16]
+    return "layers/" + hashlib.sha1(layer_source.encode("utf-8"), usedforsecurity=False).hexdigest()[:16]  # a settings key, not a secret
 
 
 def field_mapping(layer_source: str) -> tuple:
