@@ -158,7 +158,7 @@ class RefoundDock(AnalysisRunMixin, QgsDockWidget):
         # Combos otherwise size to their longest entry (e.g. the backend's) and the panel
         # squeezes the map canvas on a laptop screen.
         for combo in body.findChildren(QComboBox):
-            combo.setSizeAdjustPolicy(QComboBox.AdjustToMinimumContentsLengthWithIcon)
+            combo.setSizeAdjustPolicy(QComboBox.SizeAdjustPolicy.AdjustToMinimumContentsLengthWithIcon)
             combo.setMinimumContentsLength(12)
             combo.setMinimumWidth(80)
         self.setWidget(body)
@@ -246,7 +246,7 @@ class RefoundDock(AnalysisRunMixin, QgsDockWidget):
     def _show_diagnostics(self):
         from .diagnostics import DiagnosticsDialog
 
-        DiagnosticsDialog(self, backend_settings=self._backend_settings()).exec_()
+        DiagnosticsDialog(self, backend_settings=self._backend_settings()).exec()
 
     def update_estimate(self, *_):
         """Cells of the current extent and a rough time, before anything runs (USERS.md item 4)."""

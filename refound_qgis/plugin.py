@@ -81,7 +81,7 @@ class RefoundPlugin:
         self.dock = RefoundDock(self.iface, main)
         self.dock.setObjectName("RefoundDock")
         self.dock.visibilityChanged.connect(self._dock_visibility)
-        self.iface.addDockWidget(Qt.RightDockWidgetArea, self.dock)
+        self.iface.addDockWidget(Qt.DockWidgetArea.RightDockWidgetArea, self.dock)
         self.dock.hide()
 
     def _dock_visibility(self, visible):
@@ -109,7 +109,7 @@ class RefoundPlugin:
         from .diagnostics import DiagnosticsDialog
 
         dlg = DiagnosticsDialog(self.iface.mainWindow() if self.iface else None)
-        dlg.exec_()
+        dlg.exec()
 
     def unload(self):
         if self.dock is not None:
