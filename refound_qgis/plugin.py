@@ -57,6 +57,9 @@ class RefoundPlugin:
         self.initProcessing()
         if self.iface is None:
             return
+        from .auth import migrate_plain_token
+
+        migrate_plain_token()  # a token an older version kept in QgsSettings moves to the auth database
         icon = plugin_icon()
         main = self.iface.mainWindow()
         self.analyze_action = QAction(icon, tr("Analyze extent"), main)

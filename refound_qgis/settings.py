@@ -38,7 +38,7 @@ DEFAULTS = {
     "backend": "auto",
     "backend_python": "",   # a venv folder or a python executable (never sys.executable: SETUP-NOTES 7)
     "backend_url": "",
-    "backend_token": "",
+    "backend_authcfg": "",  # id of the QgsAuthManager config holding the server token (refound_qgis.auth)
     "device": "auto",
     "cell_size": 256.0,     # paper 5.1.1: 256 m x 256 m regions
     "batch_size": 16,
