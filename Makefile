@@ -10,14 +10,18 @@ export XDG_RUNTIME_DIR ?= /tmp/runtime-$(shell id -u)
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: setup test test-fast demo demo-full screenshots clean plugin-zip
+.PHONY: setup test test-fast security demo demo-full screenshots clean plugin-zip plugin-zip-local
 
 setup:
 	@bash scripts/setup_env.sh
 
-test: setup
+test: setup security
 	@mkdir -p $(XDG_RUNTIME_DIR) && chmod 700 $(XDG_RUNTIME_DIR)
 	$(PY) -m pytest -q
+
+# what the plugin repository's scan flags (medium severity and up) must stay at zero
+security: setup
+	$(PY) -m bandit -q -ll -r refound_qgis refound_core
 
 test-fast: setup
 	$(PY) -m pytest -q -m "not slow"
@@ -35,8 +39,12 @@ demo-full: setup
 screenshots: setup
 	$(PY) scripts/screenshot_qgis.py --analyze
 
+# fails on purpose while project.ini has placeholder URLs; plugin-zip-local builds one to install yourself
 plugin-zip: setup
 	$(PY) scripts/build_plugin_zip.py
+
+plugin-zip-local: setup
+	$(PY) scripts/build_plugin_zip.py --local
 
 clean:
 	rm -rf build dist *.egg-info .pytest_cache demo_out

@@ -85,7 +85,15 @@ def backend_report(backend_settings: dict, probe_local: bool = True) -> dict:
         from refound_core.backend.client import BackendClient, BackendError
 
         try:
-            client = BackendClient(b.get("backend_url", ""), b.get("backend_token", ""), timeout=5)
+            from refound_core.errors import InputError
+
+            from .auth import token_for
+
+            try:
+                token = token_for(b.get("backend_authcfg", ""))
+            except InputError as exc:
+                raise BackendError(str(exc)) from None
+            client = BackendClient(b.get("backend_url", ""), token, timeout=5)
             rep["health"] = client.health()
             rep["reachable"] = True
             rep["info"] = client.info()
@@ -118,7 +126,7 @@ def backend_report(backend_settings: dict, probe_local: bool = True) -> dict:
 
 def collect(backend_settings: Optional[dict] = None, probe_local: bool = True) -> dict:
     b = backend_settings or {k: settings.value(k) for k in ("backend", "backend_python", "backend_url",
-                                                            "backend_token", "device", "checkpoint_dir")}
+                                                            "backend_authcfg", "device", "checkpoint_dir")}
     try:
         import numpy
 
@@ -163,9 +171,9 @@ class DiagnosticsDialog(QDialog):
         self.text = QPlainTextEdit(self)
         self.text.setReadOnly(True)
         layout.addWidget(self.text)
-        buttons = QDialogButtonBox(QDialogButtonBox.Close, self)
+        buttons = QDialogButtonBox(QDialogButtonBox.StandardButton.Close, self)
         copy = QPushButton(tr("Copy to clipboard"), self)
-        buttons.addButton(copy, QDialogButtonBox.ActionRole)
+        buttons.addButton(copy, QDialogButtonBox.ButtonRole.ActionRole)
         copy.clicked.connect(lambda: QApplication.clipboard().setText(self.text.toPlainText()))
         buttons.rejected.connect(self.reject)
         layout.addWidget(buttons)

@@ -27,7 +27,7 @@ from qgis.PyQt.QtWidgets import (
 
 from refound_core.errors import InputError
 
-from . import settings
+from . import auth, settings
 from .dock_run import AnalysisRunMixin
 from .settings import BACKENDS, DEVICES, TASKS, tr
 
@@ -158,7 +158,7 @@ class RefoundDock(AnalysisRunMixin, QgsDockWidget):
         # Combos otherwise size to their longest entry (e.g. the backend's) and the panel
         # squeezes the map canvas on a laptop screen.
         for combo in body.findChildren(QComboBox):
-            combo.setSizeAdjustPolicy(QComboBox.AdjustToMinimumContentsLengthWithIcon)
+            combo.setSizeAdjustPolicy(QComboBox.SizeAdjustPolicy.AdjustToMinimumContentsLengthWithIcon)
             combo.setMinimumContentsLength(12)
             combo.setMinimumWidth(80)
         self.setWidget(body)
@@ -170,7 +170,7 @@ class RefoundDock(AnalysisRunMixin, QgsDockWidget):
         self.checkpoint_widget.setFilePath(settings.default_checkpoint_dir())
         self.backend_python_widget.setFilePath(str(settings.value("backend_python") or ""))
         self.backend_url_edit.setText(str(settings.value("backend_url") or ""))
-        self.backend_token_edit.setText(str(settings.value("backend_token") or ""))
+        self._show_token_state()
         self.cell_size_spin.setValue(float(settings.value("cell_size")))
         self.batch_spin.setValue(int(settings.value("batch_size")))
         self.output_widget.setFilePath(str(settings.value("output_path") or ""))
@@ -246,7 +246,7 @@ class RefoundDock(AnalysisRunMixin, QgsDockWidget):
     def _show_diagnostics(self):
         from .diagnostics import DiagnosticsDialog
 
-        DiagnosticsDialog(self, backend_settings=self._backend_settings()).exec_()
+        DiagnosticsDialog(self, backend_settings=self._backend_settings()).exec()
 
     def update_estimate(self, *_):
         """Cells of the current extent and a rough time, before anything runs (USERS.md item 4)."""
@@ -272,12 +272,26 @@ class RefoundDock(AnalysisRunMixin, QgsDockWidget):
             "backend": self.backend_combo.currentData(),
             "backend_python": self.backend_python_widget.filePath().strip(),
             "backend_url": self.backend_url_edit.text().strip(),
-            "backend_token": self.backend_token_edit.text().strip(),
+            "backend_authcfg": str(settings.value("backend_authcfg") or ""),
             "device": self.device_combo.currentData(),
             "checkpoint_dir": self.checkpoint_widget.filePath().strip(),
         }
 
+    def _show_token_state(self):
+        # The token is never shown back: it lives in QGIS's authentication database.
+        self.backend_token_edit.clear()
+        self.backend_token_edit.setPlaceholderText(
+            tr("saved in the QGIS authentication database") if settings.value("backend_authcfg") else "")
+
+    def _store_token(self):
+        """A token typed into the panel goes to QgsAuthManager; QgsSettings keeps only the config id."""
+        token = self.backend_token_edit.text().strip()
+        if token:
+            auth.remember_token(token)
+            self._show_token_state()
+
     def _save_settings(self):
+        self._store_token()
         for k, v in self._backend_settings().items():
             settings.set_value(k, v)
         settings.set_value("task", self.task_combo.currentData())

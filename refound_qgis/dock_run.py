@@ -35,6 +35,12 @@ class AnalysisRunMixin:
         raster = self.imagery_combo.currentLayer()
         imagery = ImageryInput.from_layer(raster) if isinstance(raster, QgsRasterLayer) else None
         b = self._backend_settings()
+        if b["backend"] == "remote":
+            from .auth import token_for
+
+            if not token_for(b["backend_authcfg"]):  # read here too: a locked database is unlocked on this thread
+                raise InputError(tr("The running-server backend needs the token from the server's token file: "
+                                    "paste it into 'Server token'."))
         return AnalysisParams(
             task=self.task_combo.currentData(),
             extent=canvas.extent(),
@@ -46,7 +52,7 @@ class AnalysisRunMixin:
             backend=b["backend"],
             backend_python=b["backend_python"],
             backend_url=b["backend_url"],
-            backend_token=b["backend_token"],
+            backend_authcfg=b["backend_authcfg"],
             output_path=self.output_widget.filePath().strip(),
             max_cells=int(settings.value("max_cells")),
             pois=pois,
@@ -62,8 +68,8 @@ class AnalysisRunMixin:
         if self.current_task is not None:
             self._report(tr("An analysis is already running; cancel it first."), level="warning", emit=False)
             return None
-        self._save_settings()
         try:
+            self._save_settings()  # a typed token goes to the auth database here (may ask to unlock it)
             params = self.build_params()
         except InputError as exc:
             self._done(None, str(exc), level="warning")

@@ -8,8 +8,8 @@ from __future__ import annotations
 import math
 from typing import Iterable, Optional, Sequence
 
-from qgis.core import QgsFeature, QgsField, QgsFields, QgsGeometry, QgsRectangle
-from qgis.PyQt.QtCore import QVariant
+from qgis.core import Qgis, QgsFeature, QgsField, QgsFields, QgsGeometry, QgsRectangle
+from qgis.PyQt.QtCore import QMetaType, QVariant
 
 from refound_core.inference.results import extra_columns
 
@@ -18,12 +18,24 @@ PREDICTION, CELL_ID, POI_COUNT, IMAGE_COVERAGE, IMAGE_USED, SUFFICIENT = (
 EMBEDDING_PREFIX = "emb_"
 
 
+def _field_types() -> tuple:
+    """(INT, DOUBLE, STRING, LONGLONG) field types: QMetaType from QGIS 3.38 on (QGIS 4's PyQt6
+    has no QVariant.Type), QVariant.Type before (QgsField takes only those there)."""
+    if Qgis.QGIS_VERSION_INT >= 33800:
+        return QMetaType.Type.Int, QMetaType.Type.Double, QMetaType.Type.QString, QMetaType.Type.LongLong
+    t = getattr(QVariant, "Type")  # noqa: B009 - only reached under PyQt5 (QGIS < 3.38)
+    return t.Int, t.Double, t.String, t.LongLong
+
+
+INT, DOUBLE, STRING, LONGLONG = _field_types()
+
+
 def _get(obj, name, default=None):
     return obj.get(name, default) if isinstance(obj, dict) else getattr(obj, name, default)
 
 
 def extra_fields_of(cells: Sequence) -> list:
-    """``[(name, QVariant type)]`` of the per-cell outputs beyond the fixed fields, in order of
+    """``[(name, field type)]`` of the per-cell outputs beyond the fixed fields, in order of
     first appearance: numbers double, booleans integer (1 / 0), anything else text."""
     kinds: dict = {}
     for c in cells:
@@ -35,36 +47,36 @@ def extra_fields_of(cells: Sequence) -> list:
     out = []
     for name, types in kinds.items():
         if types and types <= {bool}:
-            out.append((name, QVariant.Type.Int))
+            out.append((name, INT))
         elif types and types <= {bool, int, float}:
-            out.append((name, QVariant.Type.Double))
+            out.append((name, DOUBLE))
         else:
-            out.append((name, QVariant.Type.String))
+            out.append((name, STRING))
     return out
 
 
 def result_fields(embedding_dim: int = 0, extras: Sequence = ()) -> QgsFields:
     # Same names and order as the core's GeoPackage writer (refound_core.inference.writers).
     fields = QgsFields()
-    fields.append(QgsField(CELL_ID, QVariant.Type.String, "string", 80))
-    fields.append(QgsField(PREDICTION, QVariant.Type.Double, "double", 20, 8))
-    fields.append(QgsField(POI_COUNT, QVariant.Type.Int, "integer"))
-    fields.append(QgsField(IMAGE_COVERAGE, QVariant.Type.Double, "double", 10, 4))
-    fields.append(QgsField(IMAGE_USED, QVariant.Type.Int, "integer"))
-    fields.append(QgsField(SUFFICIENT, QVariant.Type.Int, "integer"))
+    fields.append(QgsField(CELL_ID, STRING, "string", 80))
+    fields.append(QgsField(PREDICTION, DOUBLE, "double", 20, 8))
+    fields.append(QgsField(POI_COUNT, INT, "integer"))
+    fields.append(QgsField(IMAGE_COVERAGE, DOUBLE, "double", 10, 4))
+    fields.append(QgsField(IMAGE_USED, INT, "integer"))
+    fields.append(QgsField(SUFFICIENT, INT, "integer"))
     for name, vtype in extras:
         fields.append(QgsField(name, vtype))
     for i in range(embedding_dim):
-        fields.append(QgsField(f"{EMBEDDING_PREFIX}{i:03d}", QVariant.Type.Double, "double"))
+        fields.append(QgsField(f"{EMBEDDING_PREFIX}{i:03d}", DOUBLE, "double"))
     return fields
 
 
 def _extra_value(v, vtype):
     if v is None:
         return None
-    if vtype == QVariant.Type.Int:
+    if vtype == INT:
         return int(bool(v))
-    if vtype == QVariant.Type.Double:
+    if vtype == DOUBLE:
         return _number(v)
     return str(v)
 

@@ -15,12 +15,12 @@ _CELLS = ((0, 1, 2), (1, 3, 2), (2, 4, 3))  # ramp index per cell, rows north to
 
 
 def draw_icon(size: int = 64) -> QImage:
-    img = QImage(size, size, QImage.Format_ARGB32)
-    img.fill(Qt.transparent)
+    img = QImage(size, size, QImage.Format.Format_ARGB32)
+    img.fill(Qt.GlobalColor.transparent)
     p = QPainter(img)
-    p.setRenderHint(QPainter.Antialiasing, True)
+    p.setRenderHint(QPainter.RenderHint.Antialiasing, True)
     s = size / 64.0
-    p.setPen(Qt.NoPen)
+    p.setPen(Qt.PenStyle.NoPen)
     p.setBrush(QBrush(QColor(32, 56, 84)))
     p.drawRoundedRect(QRectF(1 * s, 1 * s, 62 * s, 62 * s), 10 * s, 10 * s)
     cell, gap, x0, y0 = 16 * s, 2 * s, 7 * s, 9 * s
@@ -39,7 +39,7 @@ def draw_icon(size: int = 64) -> QImage:
     p.setBrush(QBrush(QColor(44, 123, 182)))
     p.drawPath(path)
     p.setBrush(QBrush(QColor(255, 255, 255)))
-    p.setPen(Qt.NoPen)
+    p.setPen(Qt.PenStyle.NoPen)
     p.drawEllipse(QPointF(cx, top + 9 * s), 4 * s, 4 * s)
     p.end()
     return img

@@ -59,7 +59,7 @@ def export_map_png(out_png, layers: Sequence, title: str, subtitle: str = "", ex
     for lyr in (legend_layers if legend_layers is not None else layers[:1]):
         root.addLayer(lyr)
     legend.model().setRootGroup(root)
-    legend.setStyleFont(QgsLegendStyle.Title, QFont("DejaVu Sans", 10, QFont.Bold))
+    legend.setStyleFont(QgsLegendStyle.Style.Title, QFont("DejaVu Sans", 10, QFont.Weight.Bold))
     legend.attemptMove(QgsLayoutPoint(width_mm - legend_w - 4, 18, QgsUnitTypes.LayoutMillimeters))
     layout.addLayoutItem(legend)
 

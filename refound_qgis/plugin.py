@@ -57,6 +57,9 @@ class RefoundPlugin:
         self.initProcessing()
         if self.iface is None:
             return
+        from .auth import migrate_plain_token
+
+        migrate_plain_token()  # a token an older version kept in QgsSettings moves to the auth database
         icon = plugin_icon()
         main = self.iface.mainWindow()
         self.analyze_action = QAction(icon, tr("Analyze extent"), main)
@@ -81,7 +84,7 @@ class RefoundPlugin:
         self.dock = RefoundDock(self.iface, main)
         self.dock.setObjectName("RefoundDock")
         self.dock.visibilityChanged.connect(self._dock_visibility)
-        self.iface.addDockWidget(Qt.RightDockWidgetArea, self.dock)
+        self.iface.addDockWidget(Qt.DockWidgetArea.RightDockWidgetArea, self.dock)
         self.dock.hide()
 
     def _dock_visibility(self, visible):
@@ -109,7 +112,7 @@ class RefoundPlugin:
         from .diagnostics import DiagnosticsDialog
 
         dlg = DiagnosticsDialog(self.iface.mainWindow() if self.iface else None)
-        dlg.exec_()
+        dlg.exec()
 
     def unload(self):
         if self.dock is not None:

@@ -38,7 +38,7 @@ DEFAULTS = {
     "backend": "auto",
     "backend_python": "",   # a venv folder or a python executable (never sys.executable: SETUP-NOTES 7)
     "backend_url": "",
-    "backend_token": "",
+    "backend_authcfg": "",  # id of the QgsAuthManager config holding the server token (refound_qgis.auth)
     "device": "auto",
     "cell_size": 256.0,     # paper 5.1.1: 256 m x 256 m regions
     "batch_size": 16,
@@ -89,7 +89,7 @@ def remove(key: str) -> None:
 
 
 def _layer_key(layer_source: str) -> str:
-    return "layers/" + hashlib.sha1(layer_source.encode("utf-8")).hexdigest()[:16]
+    return "layers/" + hashlib.sha1(layer_source.encode("utf-8"), usedforsecurity=False).hexdigest()[:16]  # a settings key, not a secret
 
 
 def field_mapping(layer_source: str) -> tuple:

@@ -8,8 +8,7 @@ layers) and a :class:`~refound_qgis.sinks.QgisLayerSink`; the model is the sessi
 ``Predictor`` or, where :mod:`refound_qgis.backend` says, a ``RemotePredictor`` (same protocol)
 for a backend process. The result layer is written by QGIS, not by the core writers: those use
 the shapely / pyogrio wheels, which inside the QGIS executables get QGIS's GEOS / GDAL symbols
-(measured: ``shapely.to_wkb`` fails in ``qgis_process``), and QGIS 3.22's GDAL cannot open
-GeoParquet.
+(measured: ``shapely.to_wkb`` fails in ``qgis_process``), and QGIS 3.22's GDAL cannot open GeoParquet.
 
 :class:`AnalysisTask` wraps it in a QgsTask: ``run()`` never touches a widget or a project layer
 (only the snapshots taken on the main thread), reports progress with ``setProgress``, stops within
@@ -38,7 +37,7 @@ from qgis.PyQt.QtCore import pyqtSignal
 
 from refound_core.errors import InputError
 
-from . import layer_io, results
+from . import auth, layer_io, results
 from .settings import task_label, tr
 
 CORE_TASK = {"urban_village": "urban_village", "population": "population", "commercial": "commercial",
@@ -63,7 +62,7 @@ class AnalysisParams:
     backend: str = "auto"
     backend_python: str = ""
     backend_url: str = ""
-    backend_token: str = ""
+    backend_authcfg: str = ""  # auth config of the server token; the token itself is read in execute()
     output_path: str = ""
     max_cells: int = 20000
     pois: Optional[layer_io.PoiInput] = None
@@ -185,7 +184,8 @@ def execute(params: AnalysisParams, progress: Callable[[float], None] = lambda f
     checkpoint, meta = "", {}
     if params.backend != "remote":
         checkpoint, meta = resolve_checkpoint(params.checkpoint_dir, params.task)
-    kind_, remote = resolve_backend(params.backend, params.backend_python, params.backend_url, params.backend_token,
+    token = auth.token_for(params.backend_authcfg) if params.backend == "remote" else ""
+    kind_, remote = resolve_backend(params.backend, params.backend_python, params.backend_url, token,
                                     checkpoint, params.device, params.batch_size, embeddings=("fused",))
     on_runner(remote)
     request = AnalysisRequest(checkpoint=checkpoint or None, task=CORE_TASK[params.task], cell_size=params.cell_size,

@@ -18,10 +18,17 @@ module-level imports are the standard library, numpy or other such modules, so t
 in a bare QGIS; the plugin uses it only when no installed ``refound_core`` is importable. Modules
 that need torch at import time are left out: the model then runs in a backend environment.
 
-The rules of the official plugin repository are checked on the finished zip (required metadata,
-no compiled files or caches, one top folder, size under 20 MB); any problem fails the build.
+The project's URLs and contact (homepage, repository, tracker, email) live in ONE place,
+``project.ini``; the builder writes them into the zip's metadata.txt. While one of them is a
+placeholder (an ``example.invalid`` address) or missing, the build fails with a message saying
+what to set, unless ``--local`` is given (a zip for your own "Install from ZIP", not for upload).
 
-Usage: ``python scripts/build_plugin_zip.py [--out-dir dist] [--stage DIR] [--checkpoint CKPT]``.
+The rules of the official plugin repository are checked on the finished zip (required metadata,
+no compiled files or caches, one top folder, file modes 0644, size under 20 MB, a Bandit scan at
+medium severity and up that finds nothing); any problem fails the build.
+
+Usage: ``python scripts/build_plugin_zip.py [--local] [--project project.ini] [--out-dir dist]
+[--stage DIR] [--checkpoint CKPT]``.
 """
 from __future__ import annotations
 
@@ -31,6 +38,7 @@ import configparser
 import io
 import os
 import shutil
+import subprocess  # nosec B404 - runs bandit with this interpreter, fixed arguments
 import sys
 import tempfile
 import zipfile
@@ -39,7 +47,10 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 PLUGIN = "refound_qgis"
 REQUIRED_METADATA = ("name", "qgisMinimumVersion", "description", "about", "version", "author", "email",
-                     "repository")
+                     "repository", "tracker", "homepage")
+PROJECT_KEYS = ("homepage", "repository", "tracker", "email")  # filled in from project.ini
+# An address that cannot be real: RFC 2606 reserved names, or an unedited template.
+PLACEHOLDER_MARKS = (".invalid", "example.com", "example.org", "example.net", "//example.", "todo", "changeme")
 MAX_ZIP_BYTES = 20 * 1024 * 1024
 FORBIDDEN_SUFFIXES = (".pyc", ".pyo", ".so", ".pyd", ".dll", ".dylib", ".exe")
 FORBIDDEN_PARTS = ("__pycache__", ".git", ".pytest_cache", ".DS_Store")
@@ -56,6 +67,35 @@ def read_metadata(path: Path = REPO / "metadata.txt") -> dict:
     if "general" not in cp:
         raise SystemExit(f"{path}: no [general] section")
     return dict(cp["general"])
+
+
+def read_project(path: Path = REPO / "project.ini") -> dict:
+    """The project's URLs and contact from ``project.ini`` (``[project]`` section)."""
+    path = Path(path)
+    if not path.is_file():
+        raise SystemExit(f"{path} is missing: it holds the plugin's homepage, repository, tracker and email")
+    cp = configparser.ConfigParser(interpolation=None)
+    cp.read_string(path.read_text(encoding="utf-8"))
+    if "project" not in cp:
+        raise SystemExit(f"{path}: no [project] section")
+    return {k: cp["project"].get(k, "").strip() for k in PROJECT_KEYS}
+
+
+def is_placeholder(value: str) -> bool:
+    return not value.strip() or any(m in value.lower() for m in PLACEHOLDER_MARKS)
+
+
+def placeholder_problems(meta: dict) -> list:
+    return [f"metadata {k}={meta.get(k, '')!r} is a placeholder: set the real value in project.ini "
+            "(or build with --local for a zip you install yourself)"
+            for k in PROJECT_KEYS if is_placeholder(meta.get(k, ""))]
+
+
+def metadata_text(repo: Path = REPO, project: Path | None = None) -> str:
+    """metadata.txt as shipped: the repository's file plus the project.ini values."""
+    text = (repo / "metadata.txt").read_text(encoding="utf-8").rstrip("\n") + "\n"
+    values = read_project(project or repo / "project.ini")
+    return text + "".join(f"{k}={values[k]}\n" for k in PROJECT_KEYS)
 
 
 # ------------------------------------------------------------------------------------ core subset
@@ -195,7 +235,7 @@ def _copy_tree_py(src: Path, dst: Path) -> None:
         shutil.copy2(f, target)
 
 
-def stage(dest: Path, repo: Path = REPO, checkpoint: Path | None = None) -> Path:
+def stage(dest: Path, repo: Path = REPO, checkpoint: Path | None = None, project: Path | None = None) -> Path:
     """Write the plugin folder ``dest/refound_qgis`` (usable as QGIS_PLUGINPATH=dest).
 
     ``checkpoint``: a checkpoint folder (or a folder of per-task checkpoints) to bundle as the
@@ -205,7 +245,7 @@ def stage(dest: Path, repo: Path = REPO, checkpoint: Path | None = None) -> Path
     if root.exists():
         shutil.rmtree(root)
     _copy_tree_py(repo / PLUGIN, root)
-    shutil.copy2(repo / "metadata.txt", root / "metadata.txt")
+    (root / "metadata.txt").write_text(metadata_text(repo, project), encoding="utf-8")
     for name in ("LICENSE", "LICENSE.txt", "LICENSE.md"):
         if (repo / name).is_file():
             shutil.copy2(repo / name, root / name)
@@ -233,10 +273,27 @@ def stage(dest: Path, repo: Path = REPO, checkpoint: Path | None = None) -> Path
 
 
 # ------------------------------------------------------------------------------------ checks
-def check_zip(path: Path, name: str = "") -> list:
+def bandit_problems(folder: Path) -> list:
+    """Bandit findings of medium severity and up in ``folder`` (the repository scans uploads)."""
+    cmd = [sys.executable, "-m", "bandit", "-q", "-ll", "-r", str(folder), "-f", "custom",
+           "--msg-template", "{relpath}:{line} {test_id} {severity} {msg}"]
+    try:
+        res = subprocess.run(cmd, capture_output=True, text=True, timeout=300)  # nosec B603 - fixed argv
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return [f"bandit could not run ({exc}): install requirements/dev.txt (`make setup`)"]
+    if "No module named bandit" in res.stderr:
+        return ["bandit is not installed: install requirements/dev.txt (`make setup`)"]
+    if res.returncode not in (0, 1):
+        return [f"bandit failed: {res.stderr.strip()[-500:]}"]
+    found = [line for line in res.stdout.splitlines() if line.strip()]
+    return [f"bandit: {line}" for line in found] or (["bandit reported issues"] if res.returncode else [])
+
+
+def check_zip(path: Path, name: str = "", allow_placeholders: bool = False, scan: bool = True) -> list:
     """Problems with a plugin zip by the official repository's rules ([] = fine).
 
-    ``name``: the file name the zip will have (default: its own).
+    ``name``: the file name the zip will have (default: its own). ``allow_placeholders``: accept
+    example.invalid URLs (a --local zip). ``scan``: run Bandit over the unpacked zip.
     """
     problems = []
     name = name or Path(path).name
@@ -253,8 +310,11 @@ def check_zip(path: Path, name: str = "") -> list:
             if any(p in FORBIDDEN_PARTS for p in parts) or n.endswith(FORBIDDEN_SUFFIXES):
                 problems.append(f"forbidden file in the zip: {n} (no compiled code, caches or VCS files)")
             info = zf.getinfo(n)
-            if (info.external_attr >> 16) & 0o170000 == 0o120000:
+            mode = info.external_attr >> 16
+            if mode & 0o170000 == 0o120000:
                 problems.append(f"symbolic link in the zip: {n}")
+            elif not n.endswith("/") and mode & 0o7777 != 0o644:
+                problems.append(f"file mode {mode & 0o7777:o} of {n}: plugin files must be 0644 (no executables)")
         if f"{PLUGIN}/__init__.py" not in names:
             problems.append(f"{PLUGIN}/__init__.py is missing")
         if f"{PLUGIN}/metadata.txt" not in names:
@@ -281,25 +341,41 @@ def check_zip(path: Path, name: str = "") -> list:
             problems.append("qgisMinimumVersion must be 3.x")
         if meta.get("hasProcessingProvider", "").lower() not in ("yes", "true"):
             problems.append("metadata.txt must say hasProcessingProvider=yes (the plugin has a provider)")
+        if not allow_placeholders:
+            problems.extend(placeholder_problems(meta))
+        if scan and not problems:
+            with tempfile.TemporaryDirectory(prefix="refound-scan-") as tmp:
+                zf.extractall(tmp)  # nosec B202 - our own freshly built zip, names checked above
+                problems.extend(bandit_problems(Path(tmp) / PLUGIN))
     return problems
 
 
-def build(out_dir: Path = REPO / "dist", repo: Path = REPO, checkpoint: Path | None = None) -> Path:
+def build(out_dir: Path = REPO / "dist", repo: Path = REPO, checkpoint: Path | None = None,
+          local: bool = False, project: Path | None = None) -> Path:
+    """Build and validate the zip. ``local``: allow placeholder URLs (not for upload)."""
     version = read_metadata(repo / "metadata.txt")["version"]
+    if not local:
+        values = read_project(project or repo / "project.ini")
+        problems = placeholder_problems(values)
+        if problems:  # fail before the slow part, with what to do
+            raise SystemExit("plugin zip not built:\n  " + "\n  ".join(problems))
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     target = out_dir / f"{PLUGIN}-{version}.zip"
     with tempfile.TemporaryDirectory(prefix="refound-zip-") as tmp:
-        root = stage(Path(tmp), repo, checkpoint)
+        root = stage(Path(tmp), repo, checkpoint, project)
         buf = io.BytesIO()
         with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
             for f in sorted(root.rglob("*")):
                 if f.is_file():
-                    zf.write(f, f.relative_to(root.parent).as_posix())
+                    info = zipfile.ZipInfo(f.relative_to(root.parent).as_posix(), date_time=(2024, 1, 1, 0, 0, 0))
+                    info.external_attr = 0o100644 << 16  # regular file, rw-r--r--: what the repository expects
+                    info.compress_type = zipfile.ZIP_DEFLATED
+                    zf.writestr(info, f.read_bytes())
     fd, part = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=out_dir)
     with os.fdopen(fd, "wb") as fh:
         fh.write(buf.getvalue())
-    problems = check_zip(Path(part), target.name)
+    problems = check_zip(Path(part), target.name, allow_placeholders=local)
     if problems:
         os.remove(part)
         raise SystemExit("plugin zip rejected:\n  " + "\n  ".join(problems))
@@ -312,11 +388,15 @@ def main(argv=None) -> int:
     p.add_argument("--out-dir", type=Path, default=REPO / "dist", help="where the zip goes (default: dist/)")
     p.add_argument("--stage", type=Path, help="only write the plugin folder into this folder (for QGIS_PLUGINPATH)")
     p.add_argument("--checkpoint", type=Path, help="bundle this (small) checkpoint folder as the demo checkpoint")
+    p.add_argument("--local", action="store_true",
+                   help="build even while project.ini has placeholder URLs (a zip to install yourself, not to upload)")
+    p.add_argument("--project", type=Path, default=REPO / "project.ini",
+                   help="the file with the homepage, repository, tracker and email (default: project.ini)")
     args = p.parse_args(argv)
     if args.stage:
-        print(stage(args.stage, checkpoint=args.checkpoint))
+        print(stage(args.stage, checkpoint=args.checkpoint, project=args.project))
         return 0
-    target = build(args.out_dir, checkpoint=args.checkpoint)
+    target = build(args.out_dir, checkpoint=args.checkpoint, local=args.local, project=args.project)
     print(f"{target} ({target.stat().st_size / 1024:.0f} KiB)")
     return 0
 

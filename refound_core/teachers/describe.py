@@ -215,8 +215,9 @@ class LocalLLMDescriber(Describer):
                 raise InputError(f"local LLM file {self.path} is not a .gguf file: give a model folder or a GGUF file")
             folder, kwargs["gguf_file"] = os.path.dirname(self.path), os.path.basename(self.path)
         try:
-            self._tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True, **kwargs)
-            self._model = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True, **kwargs)
+            # local_files_only=True: loads a local folder, never the Hub, so B615 (unpinned Hub download) does not apply
+            self._tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True, **kwargs)  # nosec B615
+            self._model = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True, **kwargs)  # nosec B615
         except ImportError as exc:  # e.g. the gguf package for a .gguf file
             raise InputError(f"cannot load the local LLM {self.path}: {exc}") from exc
         self._model.to(self.device).eval()
@@ -307,7 +308,8 @@ class OpenAICompatDescriber(Describer):
         req = urllib.request.Request(self.url, data=body.encode("utf-8"), method="POST",
                                      headers={"Content-Type": "application/json"})
         try:
-            with urllib.request.urlopen(req, timeout=self.timeout) as resp:
+            # _require_loopback (in __init__) admits only http(s) loopback URLs, so no file: scheme
+            with urllib.request.urlopen(req, timeout=self.timeout) as resp:  # nosec B310
                 reply = json.loads(resp.read().decode("utf-8"))
             return reply["choices"][0]["message"]["content"].strip()
         except (urllib.error.URLError, OSError) as exc:

@@ -163,8 +163,9 @@ class HFSentenceEmbedder(SentenceEmbedder):
         if self._model is None:
             from transformers import AutoModel, AutoTokenizer
 
-            self._tokenizer = AutoTokenizer.from_pretrained(self.folder, local_files_only=True)
-            self._model = AutoModel.from_pretrained(self.folder, local_files_only=True).to(self.device).eval()
+            # local_files_only=True: loads a local folder, never the Hub, so B615 (unpinned Hub download) does not apply
+            self._tokenizer = AutoTokenizer.from_pretrained(self.folder, local_files_only=True)  # nosec B615
+            self._model = AutoModel.from_pretrained(self.folder, local_files_only=True).to(self.device).eval()  # nosec B615
         enc = self._tokenizer(list(texts), padding=True, truncation=True, max_length=self.max_tokens,
                               return_tensors="pt").to(self.device)
         with torch.inference_mode():

@@ -186,7 +186,8 @@ class CLIPImageTeacher(ImageTeacher, PatchFeaturizer):
         else:
             from transformers import AutoModel
 
-            model = AutoModel.from_pretrained(self.folder, local_files_only=True)
+            # local_files_only=True: loads a local folder, never the Hub, so B615 (unpinned Hub download) does not apply
+            model = AutoModel.from_pretrained(self.folder, local_files_only=True)  # nosec B615
             if not hasattr(model, "get_image_features"):
                 raise InputError(f"model in {self.folder} has no image encoder (get_image_features): not a CLIP-like model")
         self._model = model.to(self.device).eval()

@@ -17,11 +17,11 @@ from qgis.core import (
     QgsRectangle,
     QgsWkbTypes,
 )
-from qgis.PyQt.QtCore import QVariant
 
 from refound_core.errors import InputError
 
 from .. import layer_io
+from ..features import LONGLONG, STRING
 from ..settings import tr
 from .common import RefoundAlgorithm, _advanced
 
@@ -59,9 +59,9 @@ class CreateRegionGrid(RefoundAlgorithm):
         except InputError as exc:
             raise QgsProcessingException(str(exc)) from None
         fields = QgsFields()
-        fields.append(QgsField("cell_id", QVariant.String, "string", 80))
-        fields.append(QgsField("col", QVariant.LongLong))
-        fields.append(QgsField("row", QVariant.LongLong))
+        fields.append(QgsField("cell_id", STRING, "string", 80))
+        fields.append(QgsField("col", LONGLONG))
+        fields.append(QgsField("row", LONGLONG))
         sink, dest_id = self.parameterAsSink(parameters, self.OUTPUT, context, fields, QgsWkbTypes.Polygon, plan.crs)
         if sink is None:
             raise QgsProcessingException(self.invalidSinkError(parameters, self.OUTPUT))

@@ -12,6 +12,7 @@ from qgis.core import (
     QgsProcessingException,
     QgsProcessingOutputNumber,
     QgsProcessingOutputString,
+    QgsProcessingParameterAuthConfig,
     QgsProcessingParameterEnum,
     QgsProcessingParameterExtent,
     QgsProcessingParameterFeatureSink,
@@ -39,7 +40,7 @@ class PredictAlgorithm(RefoundAlgorithm):
     ALG_ID, TASK, TITLE, HELP = "predict_population", "population", "Predict population", ""
     EXTENT, POIS, NAME_FIELD, CATEGORY_FIELD, IMAGERY = "EXTENT", "POIS", "NAME_FIELD", "CATEGORY_FIELD", "IMAGERY"
     CHECKPOINT, BACKEND, DEVICE, CELL_SIZE, BATCH_SIZE = "CHECKPOINT", "BACKEND", "DEVICE", "CELL_SIZE", "BATCH_SIZE"
-    BACKEND_PYTHON, BACKEND_URL, BACKEND_TOKEN, MAX_CELLS = "BACKEND_PYTHON", "BACKEND_URL", "BACKEND_TOKEN", "MAX_CELLS"
+    BACKEND_PYTHON, BACKEND_URL, BACKEND_AUTHCFG, MAX_CELLS = "BACKEND_PYTHON", "BACKEND_URL", "BACKEND_AUTHCFG", "MAX_CELLS"
     MIN_IMAGE_COVERAGE = "MIN_IMAGE_COVERAGE"
     OUTPUT = "OUTPUT"
 
@@ -67,7 +68,11 @@ class PredictAlgorithm(RefoundAlgorithm):
             self.BACKEND_PYTHON, tr("Backend Python environment (venv folder)"), QgsProcessingParameterFile.Folder,
             defaultValue=settings.value("backend_python") or None, optional=True)))
         self.addParameter(_advanced(QgsProcessingParameterString(self.BACKEND_URL, tr("Server URL"), optional=True)))
-        self.addParameter(_advanced(QgsProcessingParameterString(self.BACKEND_TOKEN, tr("Server token"), optional=True)))
+        # An auth config id, not the token: the token stays in QGIS's encrypted authentication
+        # database and never enters the Processing history or a saved model.
+        self.addParameter(_advanced(QgsProcessingParameterAuthConfig(
+            self.BACKEND_AUTHCFG, tr("Server token (authentication configuration)"),
+            defaultValue=settings.value("backend_authcfg") or None, optional=True)))
         self.addParameter(_advanced(QgsProcessingParameterNumber(
             self.MAX_CELLS, tr("Maximum number of cells"), QgsProcessingParameterNumber.Integer,
             int(settings.value("max_cells")), minValue=1)))
@@ -129,7 +134,7 @@ class PredictAlgorithm(RefoundAlgorithm):
             backend=BACKENDS[self.parameterAsEnum(parameters, self.BACKEND, context)][0],
             backend_python=self.parameterAsFile(parameters, self.BACKEND_PYTHON, context) or "",
             backend_url=self.parameterAsString(parameters, self.BACKEND_URL, context) or "",
-            backend_token=self.parameterAsString(parameters, self.BACKEND_TOKEN, context) or "",
+            backend_authcfg=self.parameterAsString(parameters, self.BACKEND_AUTHCFG, context) or "",
             max_cells=self.parameterAsInt(parameters, self.MAX_CELLS, context),
             min_image_coverage=self.parameterAsDouble(parameters, self.MIN_IMAGE_COVERAGE, context),
             pois=pois,

@@ -159,3 +159,14 @@ def scene_layers(project, scene):
     assert pois.isValid() and img.isValid()
     project.addMapLayers([img, pois])
     return pois, img
+
+
+@pytest.fixture(scope="session")
+def auth_db(qgis_app):
+    """QGIS's authentication database, unlocked with a master password (start_app's profile is a
+    temporary folder, so this never touches a user's database)."""
+    from qgis.core import QgsApplication
+
+    am = QgsApplication.authManager()
+    assert am.setMasterPassword("refound-test-master-password", True)
+    return am

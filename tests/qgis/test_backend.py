@@ -99,13 +99,13 @@ def test_remote_predictor_cancel_stops_within_one_batch(qgis_app):
 
 
 @pytest.mark.slow
-def test_local_backend_process_matches_in_process(qgis_app, project, scene_layers, checkpoints):
+def test_local_backend_process_matches_in_process(qgis_app, auth_db, project, scene_layers, checkpoints):
     """A real `refound serve` from this venv (the configured environment): same values as in QGIS,
     then the same server used as a 'running server' with its URL and token."""
     pytest.importorskip("torch")
     from qgis.core import QgsCoordinateReferenceSystem
 
-    from refound_qgis import backend, layer_io
+    from refound_qgis import auth, backend, layer_io
     from refound_qgis.task import AnalysisParams, execute
 
     pois, img = scene_layers
@@ -118,9 +118,11 @@ def test_local_backend_process_matches_in_process(qgis_app, project, scene_layer
         assert got_local.backend == "local" and len(got_local.cells) == SCENE_CELLS ** 2
         be = next(iter(backend._LOCAL.values()))
         assert be.alive() and be.url.startswith("http://127.0.0.1:")
-        remote = AnalysisParams(backend="remote", backend_url=be.url, backend_token=be.token, **base)
+        remote = AnalysisParams(backend="remote", backend_url=be.url,
+                                backend_authcfg=auth.store_token(be.token), **base)
         got_remote = execute(remote)
-        wrong = AnalysisParams(backend="remote", backend_url=be.url, backend_token="not-the-token", **base)
+        wrong = AnalysisParams(backend="remote", backend_url=be.url,
+                               backend_authcfg=auth.store_token("not-the-token"), **base)
         from refound_core.errors import InputError
 
         with pytest.raises(InputError, match="401"):

@@ -16,11 +16,39 @@ pytestmark = pytest.mark.qgis
 sys.path.insert(0, str(REPO / "scripts"))
 
 
+REAL_PROJECT = """[project]
+homepage = https://github.com/refound-qgis/refound-qgis
+repository = https://github.com/refound-qgis/refound-qgis
+tracker = https://github.com/refound-qgis/refound-qgis/issues
+email = maintainers@refound-qgis.org
+"""
+
+
 @pytest.fixture(scope="module")
 def plugin_zip(qgis_app, tmp_path_factory):
     import build_plugin_zip
 
-    return build_plugin_zip.build(tmp_path_factory.mktemp("dist"))
+    project = tmp_path_factory.mktemp("project") / "project.ini"
+    project.write_text(REAL_PROJECT)
+    return build_plugin_zip.build(tmp_path_factory.mktemp("dist"), project=project)
+
+
+def test_license_is_in_the_repository():
+    assert "MIT License" in (REPO / "LICENSE").read_text()
+
+
+def test_placeholder_urls_stop_the_build_unless_local(qgis_app, tmp_path):
+    import build_plugin_zip
+
+    res = subprocess.run([sys.executable, str(REPO / "scripts" / "build_plugin_zip.py"), "--out-dir", str(tmp_path),
+                          "--project", str(REPO / "project.ini")], capture_output=True, text=True, timeout=120)
+    if "example.invalid" not in (REPO / "project.ini").read_text():
+        pytest.fail("project.ini has real URLs now: point this test at a copy with placeholders")
+    assert res.returncode != 0 and "placeholder" in res.stderr and "project.ini" in res.stderr
+    assert "--local" in res.stderr and not list(tmp_path.glob("*.zip"))
+    local = build_plugin_zip.build(tmp_path, local=True)
+    assert build_plugin_zip.check_zip(local, allow_placeholders=True) == []
+    assert any("placeholder" in p for p in build_plugin_zip.check_zip(local))
 
 
 def test_zip_follows_the_repository_rules(plugin_zip):
@@ -39,6 +67,9 @@ def test_zip_follows_the_repository_rules(plugin_zip):
     for key in build_plugin_zip.REQUIRED_METADATA:
         assert cp["general"][key].strip()
     assert cp["general"]["hasProcessingProvider"] == "yes"
+    assert cp["general"]["tracker"] == "https://github.com/refound-qgis/refound-qgis/issues"  # from project.ini
+    assert cp["general"]["supportsQt6"] == "True" and cp["general"]["qgisMaximumVersion"] == "4.99"
+    assert "refound_qgis/LICENSE" in names
     assert icon.startswith(b"\x89PNG") and len(icon) < 16 * 1024
     assert {"refound_qgis/__init__.py", "refound_qgis/plugin.py", "refound_qgis/processing/provider.py",
             "refound_qgis/styles/urban_village.qml", "refound_qgis/i18n/README.txt",
@@ -58,9 +89,23 @@ def test_check_zip_catches_broken_zips(tmp_path):
         zf.writestr("refound_qgis/metadata.txt", "[general]\nname=x\nversion=1.0\nqgisMinimumVersion=2.18\n")
         zf.writestr("refound_qgis/__pycache__/a.cpython-311.pyc", b"\0")
         zf.writestr("other/readme.txt", "")
+        exe = zipfile.ZipInfo("refound_qgis/run.sh")
+        exe.external_attr = 0o100755 << 16
+        zf.writestr(exe, "#!/bin/sh\n")
     problems = "\n".join(build_plugin_zip.check_zip(bad))
-    for needle in ("one top folder", "__pycache__", "'email'", "'about'", "version 1.0", "3.x", "hasProcessingProvider"):
+    for needle in ("one top folder", "__pycache__", "'email'", "'about'", "'tracker'", "version 1.0", "3.x",
+                   "hasProcessingProvider", "0644"):
         assert needle in problems
+
+
+def test_bandit_scan_flags_insecure_code(tmp_path):
+    import build_plugin_zip
+
+    (tmp_path / "bad.py").write_text("import hashlib\nkey = hashlib.md5(b'x').hexdigest()\n")
+    (tmp_path / "ok.py").write_text("x = 1\n")
+    assert any("B324" in p for p in build_plugin_zip.bandit_problems(tmp_path))
+    (tmp_path / "bad.py").unlink()
+    assert build_plugin_zip.bandit_problems(tmp_path) == []
 
 
 def test_demo_checkpoint_is_bundled_and_offered(qgis_app, checkpoints, tmp_path):
