@@ -194,3 +194,60 @@ def test_cli_similar_and_help(explore_city, tmp_path, capsys):
     g = gpd.read_parquet(out)
     assert g.loc[g.cell_id == q, "similarity"].iloc[0] == pytest.approx(1.0, abs=1e-5)
     assert sorted(g["rank"])[-1] == len(g)
+
+
+def test_dock_explore_tab_click_a_cell(iface, qtbot, project, explore_city, tmp_path):
+    """The Explore tab's map tool: a real mouse click on the canvas over a cell adds a similarity
+    layer whose best cell (after the query itself) is the query's most similar cell per the core."""
+    import geopandas as gpd
+    from qgis.core import QgsCoordinateReferenceSystem, QgsGraduatedSymbolRenderer, QgsVectorLayer
+    from qgis.gui import QgsMapCanvas
+    from qgis.PyQt.QtCore import Qt
+
+    from refound_core.explore.io import read_embeddings
+    from refound_qgis.dock import RefoundDock
+
+    # the plugin's layout: fused embedding as emb_000... fields in a GeoPackage
+    t = read_embeddings(explore_city["emb"])
+    g = gpd.GeoDataFrame({"cell_id": list(t.cell_ids)} | {f"emb_{j:03d}": t.vectors[:, j] for j in range(t.dim)},
+                         geometry=gpd.GeoSeries.from_wkb(list(t.geometry)), crs=t.crs)
+    gpkg = tmp_path / "emb.gpkg"
+    g.to_file(gpkg, driver="GPKG", engine="pyogrio", dataset_options={"VERSION": "1.2"})
+    layer = QgsVectorLayer(str(gpkg), "embeddings", "ogr")
+    project.addMapLayer(layer)
+
+    canvas = QgsMapCanvas()
+    qtbot.addWidget(canvas)
+    canvas.resize(400, 400)
+    canvas.show()
+    qtbot.waitUntil(lambda: canvas.mapSettings().outputSize().width() > 300)
+    iface.mapCanvas.return_value = canvas
+    canvas.setDestinationCrs(QgsCoordinateReferenceSystem(t.crs))
+    canvas.setExtent(layer.extent())
+    canvas.refresh()
+    dock = RefoundDock(iface)
+    qtbot.addWidget(dock)
+    panel = dock.explore_panel
+    assert dock.tabs.tabText(1) == "Explore"
+    panel.layer_combo.setLayer(layer)
+    panel.top_k_spin.setValue(5)
+    panel.pick_button.click()
+    assert canvas.mapTool() is panel.map_tool
+
+    query = 37
+    cx, cy = g.geometry.iloc[query].centroid.x, g.geometry.iloc[query].centroid.y
+    pixel = canvas.getCoordinateTransform().transform(cx, cy)
+    with qtbot.waitSignal(panel.result_ready, timeout=10_000) as blocker:
+        qtbot.mouseClick(canvas.viewport(), Qt.LeftButton, pos=pixel.toQPointF().toPoint())
+    out, message = blocker.args
+    assert out is not None, message
+    assert out in project.mapLayers().values() and isinstance(out.renderer(), QgsGraduatedSymbolRenderer)
+    rows = {f["cell_id"]: f for f in out.getFeatures()}
+    assert rows[t.cell_ids[query]]["rank"] == 1
+    from refound_core.explore.similar import find_similar
+
+    want = find_similar(t, [t.cell_ids[query]], k=5)["top"]
+    got = sorted((c for c in rows if rows[c]["top_k"]), key=lambda c: rows[c]["rank"])
+    assert got == [str(t.cell_ids[i]) for i in want]
+    dock.shutdown()
+    assert canvas.mapTool() is None
