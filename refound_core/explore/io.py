@@ -23,6 +23,7 @@ from refound_core.errors import InputError
 EMB_FIELD = re.compile(r"^emb_(\d+)$")
 # Above this many bytes the matrix lives in a memmap instead of RAM (100k x 768 float32 = 307 MB).
 MEMMAP_BYTES = 64 * 1024 * 1024
+BATCH_ROWS = 2048
 
 
 @dataclass
@@ -118,10 +119,10 @@ def _read_parquet(p: Path, column: str) -> EmbeddingTable:
     numeric = [f.name for f in schema if f.name not in ("cell_id", "geometry") and
                (pa.types.is_integer(f.type) or pa.types.is_floating(f.type))]
     row = 0
-    for i in range(pf.num_row_groups):
-        t = pf.read_row_group(i, columns=["cell_id", "geometry", column] + numeric)
+    # small record batches, not whole row groups: decoding a list column costs several times its size
+    for t in pf.iter_batches(batch_size=BATCH_ROWS, columns=["cell_id", "geometry", column] + numeric):
         k = t.num_rows
-        col = t.column(column).combine_chunks()
+        col = t.column(column)
         # .values holds every slot, NULL lists included, so rows stay aligned; NULL rows become NaN
         values = col.values.to_numpy(zero_copy_only=False)[col.offset * d:(col.offset + k) * d]
         block = values.astype(np.float32, copy=False).reshape(k, d)

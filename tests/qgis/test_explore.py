@@ -251,3 +251,45 @@ def test_dock_explore_tab_click_a_cell(iface, qtbot, project, explore_city, tmp_
     assert got == [str(t.cell_ids[i]) for i in want]
     dock.shutdown()
     assert canvas.mapTool() is None
+
+
+@pytest.mark.slow
+def test_explore_algorithms_run_under_qgis_process(explore_city, tmp_path):
+    """All four ids through /usr/bin/qgis_process.bin (a fresh QGIS, the staged plugin)."""
+    import json
+    import os
+    import sqlite3
+    import subprocess
+    import sys
+
+    from qgis_testlib import REPO
+    from test_processing import _qgis_process_env
+
+    sys.path.insert(0, str(REPO / "scripts"))
+    from build_plugin_zip import stage
+
+    qp = "/usr/bin/qgis_process.bin"
+    if not os.path.exists(qp):
+        pytest.fail("qgis_process.bin is missing; install the Debian package 'qgis'")
+    plugins = tmp_path / "plugins"
+    stage(plugins)
+    (tmp_path / "home").mkdir()
+    env = _qgis_process_env(tmp_path / "home", plugins)
+    en = subprocess.run([qp, "plugins", "enable", "refound_qgis"], env=env, capture_output=True, text=True, timeout=120)
+    assert en.returncode == 0, en.stdout[-2000:] + en.stderr[-2000:]
+    emb, twin = str(explore_city["emb"]), str(explore_city["twin_emb"])
+    q = json.loads(subprocess.run([sys.executable, "-c", "import pyarrow.parquet as pq; import json; "
+                                   f"print(json.dumps(pq.read_table({emb!r}).column('cell_id')[0].as_py()))"],
+                                  capture_output=True, text=True).stdout)
+    runs = {"find_similar_regions": {"QUERY_CELLS": q, "TOP_K": 5}, "cluster_regions": {"K": 4},
+            "embedding_colours": {}, "compare_embeddings": {"OTHER": twin}}
+    for alg, extra in runs.items():
+        out = tmp_path / f"{alg}.gpkg"
+        args = {"INPUT": emb, "OUTPUT": str(out), **extra}
+        res = subprocess.run([qp, "run", f"refound:{alg}", "--json", "--"] + [f"{k}={v}" for k, v in args.items()],
+                             env=env, capture_output=True, text=True, timeout=180)
+        assert res.returncode == 0, alg + res.stdout[-2000:] + res.stderr[-2000:]
+        report = json.loads(res.stdout[res.stdout.index("{"):])
+        assert report["results"]["CELLS"] >= 100
+        with sqlite3.connect(out) as db:
+            assert db.execute("SELECT count(*) FROM layer_styles").fetchone()[0] == 1
