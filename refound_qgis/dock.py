@@ -21,6 +21,7 @@ from qgis.PyQt.QtWidgets import (
     QProgressBar,
     QPushButton,
     QSpinBox,
+    QTabWidget,
     QVBoxLayout,
     QWidget,
 )
@@ -161,7 +162,13 @@ class RefoundDock(AnalysisRunMixin, QgsDockWidget):
             combo.setSizeAdjustPolicy(QComboBox.SizeAdjustPolicy.AdjustToMinimumContentsLengthWithIcon)
             combo.setMinimumContentsLength(12)
             combo.setMinimumWidth(80)
-        self.setWidget(body)
+        from .dock_explore import ExplorePanel  # the Explore tab (similar cells, colours, clusters)
+
+        self.tabs = QTabWidget(self)
+        self.tabs.addTab(body, tr("Analyze"))
+        self.explore_panel = ExplorePanel(self.iface, self.tabs)
+        self.tabs.addTab(self.explore_panel, tr("Explore"))
+        self.setWidget(self.tabs)
 
     def _restore(self):
         self._set_combo_data(self.task_combo, settings.value("task"))
@@ -193,6 +200,7 @@ class RefoundDock(AnalysisRunMixin, QgsDockWidget):
 
     def shutdown(self):
         """Disconnect from the canvas (called by the plugin's unload)."""
+        self.explore_panel.shutdown()
         canvas = self._canvas()
         if canvas is not None:
             for sig in (canvas.extentsChanged, canvas.destinationCrsChanged):

@@ -30,6 +30,7 @@ COMMANDS = {
     "attention-view": ("training.commands.attention_view", "draw POI -> image-patch attention on a cell (paper 5.2.3, Figure 4)"),
     "predict": ("refound_core.inference.commands.predict", "predict a task over an extent to a styled GeoPackage"),
     "embed": ("refound_core.inference.commands.embed", "compute region embeddings over an extent to GeoParquet"),
+    "explore": ("training.commands.explore", "explore embeddings: similar cells, clusters, PCA colours, change between dates"),
     "serve": ("refound_core.inference.commands.serve", "run the local model backend for the QGIS plugin (loopback, token)"),
     "convert-paddle": ("training.commands.convert_paddle", "convert official PaddlePaddle ReFound weights to a checkpoint"),
 }

@@ -2,7 +2,8 @@
 
 ``refound:create_region_grid``, ``refound:predict_urban_villages``, ``refound:predict_population``,
 ``refound:predict_commercial_activeness``, ``refound:compute_region_embeddings``,
-``refound:train_task_head``.
+``refound:train_task_head``; explore (:mod:`.explore`): ``refound:find_similar_regions``,
+``refound:cluster_regions``, ``refound:embedding_colours``, ``refound:compare_embeddings``.
 
 The prediction algorithms are one class over a task table (:mod:`.predict`); every one runs
 ``refound_core.inference.pipeline.run_analysis``, like the dock and ``refound predict``.
@@ -10,6 +11,7 @@ The prediction algorithms are one class over a task table (:mod:`.predict`); eve
 from __future__ import annotations
 
 from .common import ResultStyler  # noqa: F401 - part of this module's interface
+from .explore import EXPLORE_ALGORITHMS
 from .grid_algorithm import CreateRegionGrid
 from .predict import PREDICT_ALGORITHMS, PredictAlgorithm  # noqa: F401
 from .train_head import TrainTaskHead, label_cells  # noqa: F401
@@ -21,4 +23,4 @@ PredictCommercialActiveness = _BY_ID["predict_commercial_activeness"]
 ComputeRegionEmbeddings = _BY_ID["compute_region_embeddings"]
 
 ALGORITHMS = (CreateRegionGrid, PredictUrbanVillages, PredictPopulation, PredictCommercialActiveness,
-              ComputeRegionEmbeddings, TrainTaskHead)
+              ComputeRegionEmbeddings, TrainTaskHead) + EXPLORE_ALGORITHMS

@@ -168,5 +168,5 @@ def test_zip_plugin_loads_in_a_clean_profile_without_torch(plugin_zip, tmp_path)
     out = res.stdout
     assert "NAME ReFound Urban Regions" in out
     assert "CORE refound_qgis/ext/refound_core/__init__.py" in out  # the bundled copy
-    assert "ALGS 6" in out and "ACTIONS 1 1" in out
+    assert "ALGS 10" in out and "ACTIONS 1 1" in out
     assert "AFTER None" in out and "TORCH False" in out
