@@ -150,6 +150,10 @@ class FileCellSource(CellSource):
             t0 = time.perf_counter()
             self.pois = read_pois(self.poi_path, name_field=self.name_field, category_field=self.category_field,
                                   layer=self.poi_layer)
+            from refound_core.data.validate import check_pois, geometry_notice
+
+            notices += check_pois(self.pois, self.poi_path, self.name_field)
+            notices += [n for n in [geometry_notice(self.poi_path, self.poi_layer)] if n]
             self.timer("poi_join", time.perf_counter() - t0)
             if extent_crs is None:
                 extent_crs = self.pois.crs
@@ -176,7 +180,12 @@ class FileCellSource(CellSource):
             self.pois = pois.take(np.flatnonzero(keep))  # only the area's POIs are kept in memory
             self.timer("poi_join", time.perf_counter() - t0)
         if self.imagery is not None:
+            from refound_core.data.validate import check_imagery_overlap
+
             ChipReader(self.imagery, size_px=self.image_size).close()  # fail early on a bad raster
+            col0, col1, row0, row1 = ranges  # an extent far from the raster would predict blank chips
+            s = grid.cell_size
+            check_imagery_overlap(self.imagery, (col0 * s, row0 * s, col1 * s, row1 * s), grid.crs)
             self._pool = ThreadPoolExecutor(IMAGE_THREADS, thread_name_prefix="refound-chips")
 
     def _reader(self):
@@ -190,8 +199,15 @@ class FileCellSource(CellSource):
         return r
 
     def _read_chip(self, cell):
+        import rasterio
+
         t0 = time.perf_counter()
-        chip = self._reader().read_cell(cell)
+        try:
+            chip = self._reader().read_cell(cell)
+        except rasterio.errors.RasterioError as exc:  # a block GDAL cannot decode: damaged file
+            raise InputError(f"imagery raster {self.imagery} cannot be read at cell {cell.id} (GDAL: "
+                             f"{str(exc).splitlines()[0]}); the file is damaged or truncated, re-download "
+                             "or re-export it") from None
         self.timer("image_reads", time.perf_counter() - t0)
         return chip
 
