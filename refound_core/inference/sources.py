@@ -17,6 +17,7 @@ embedding outputs back through a source over those files.
 """
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from abc import ABC, abstractmethod
@@ -152,8 +153,11 @@ class FileCellSource(CellSource):
                                   layer=self.poi_layer)
             from refound_core.data.validate import check_pois, geometry_notice
 
-            notices += check_pois(self.pois, self.poi_path, self.name_field)
-            notices += [n for n in [geometry_notice(self.poi_path, self.poi_layer)] if n]
+            for n in check_pois(self.pois, self.poi_path, self.name_field) + [geometry_notice(self.poi_path,
+                                                                                              self.poi_layer)]:
+                if n:  # a conversion rule applied: said when it happens (the CLI's stderr, the plugin's log)
+                    logging.getLogger("refound.inference").warning("%s", n)
+                    notices.append(n)
             self.timer("poi_join", time.perf_counter() - t0)
             if extent_crs is None:
                 extent_crs = self.pois.crs
