@@ -203,15 +203,8 @@ class FileCellSource(CellSource):
         return r
 
     def _read_chip(self, cell):
-        import rasterio
-
         t0 = time.perf_counter()
-        try:
-            chip = self._reader().read_cell(cell)
-        except rasterio.errors.RasterioError as exc:  # a block GDAL cannot decode: damaged file
-            raise InputError(f"imagery raster {self.imagery} cannot be read at cell {cell.id} (GDAL: "
-                             f"{str(exc).splitlines()[0]}); the file is damaged or truncated, re-download "
-                             "or re-export it") from None
+        chip = self._reader().read_cell(cell)  # a damaged file raises InputError (imagery.py)
         self.timer("image_reads", time.perf_counter() - t0)
         return chip
 
