@@ -14,8 +14,10 @@ same predictor protocol as the in-process model, so ``run_analysis`` drives eith
 """
 from __future__ import annotations
 
+import atexit
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -93,6 +95,7 @@ class LocalBackend:
         self.proc: Optional[subprocess.Popen] = None
         self.log_path = ""
         self.folder = ""
+        self._log = None
 
     def command(self, token_file: str) -> list:
         cmd = [self.python, "-m", "training.cli", "serve", "--host", "127.0.0.1", "--port", "0",
@@ -111,7 +114,7 @@ class LocalBackend:
         for var in ("PYTHONPATH", "PYTHONHOME", "PYTHONSTARTUP"):
             env.pop(var, None)
         env["PYTHONUNBUFFERED"] = "1"
-        log = open(self.log_path, "w", encoding="utf-8")  # noqa: SIM115 - kept open for the child
+        log = self._log = open(self.log_path, "w", encoding="utf-8")  # noqa: SIM115 - closed in stop()
         try:
             self.proc = subprocess.Popen(self.command(token_file), stdout=subprocess.PIPE, stderr=log, env=env,
                                          text=True, cwd=self.folder)
@@ -126,8 +129,12 @@ class LocalBackend:
                         ready.update(json.loads(line[len(self.READY):]))
                     except ValueError:
                         ready["error"] = line
-                log.write(line)
-                log.flush()
+                secret = str(ready.get("token") or "")
+                if secret:  # the log is for people: never the token
+                    line = line.replace(secret, "<token>")
+                if not log.closed:
+                    log.write(line)
+                    log.flush()
 
         threading.Thread(target=read_stdout, name="refound-backend-stdout", daemon=True).start()
         deadline = time.monotonic() + self.startup_timeout
@@ -137,7 +144,7 @@ class LocalBackend:
                                     "and PyTorch are installed in {py} (`{py} -m training.cli doctor`).")
                                  .format(rc=self.proc.returncode, log=self.log_path, py=self.python))
             if time.monotonic() > deadline:
-                self.stop()
+                self.stop(keep_folder=True)
                 raise InputError(tr("The backend did not start within {s:g} s; see {log}.")
                                  .format(s=self.startup_timeout, log=self.log_path))
             time.sleep(0.1)
@@ -147,14 +154,16 @@ class LocalBackend:
             with open(token_file, encoding="utf-8") as fh:
                 self.token = fh.read().strip()
         if not self.url.startswith("http://") or not self.token:
-            self.stop()
+            self.stop(keep_folder=True)
             raise InputError(tr("The backend's ready line could not be read; see {log}.").format(log=self.log_path))
         return self
 
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 
-    def stop(self) -> None:
+    def stop(self, keep_folder: bool = False) -> None:
+        """Stop the process; remove its folder (token file, log) unless ``keep_folder`` (a failed
+        start, whose log the error message points to)."""
         if self.proc is not None and self.proc.poll() is None:
             self.proc.terminate()
             try:
@@ -162,7 +171,15 @@ class LocalBackend:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait(timeout=10)
+        if self.proc is not None and self.proc.stdout is not None:
+            self.proc.stdout.close()
         self.proc = None
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+        if self.folder and not keep_folder:  # token file and log: nothing of the run stays in /tmp
+            shutil.rmtree(self.folder, ignore_errors=True)
+            self.folder = ""
 
 
 _LOCAL: dict = {}
@@ -189,6 +206,11 @@ def stop_local_backends() -> None:
         for be in _LOCAL.values():
             be.stop()
         _LOCAL.clear()
+
+
+# A headless run (qgis_process, a script) ends without unloading the plugin: the backends it
+# started stop with the interpreter instead of living on as orphans (~1 GB each).
+atexit.register(stop_local_backends)
 
 
 def describe_choice(backend: str) -> str:

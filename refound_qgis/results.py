@@ -51,13 +51,20 @@ from .features import (  # noqa: F401 - results' interface: fields and features 
 from .settings import task_label, tr
 
 CELLS_LAYER = "cells"  # the GeoPackage layer name, as the core writer's
+RESULT_PROPERTY = "refound/result"  # custom property marking the plugin's result layers
+STYLE_NAME_MAX = 30  # GDAL's GeoPackage layer_styles.styleName limit (longer ones warn on every write)
+
+
+def style_name(task: str) -> str:
+    """The short name the style is stored under inside a GeoPackage (not the long legend title)."""
+    return f"ReFound {task}"[:STYLE_NAME_MAX]
 
 
 def layer_title(task: str, model_name: str, when: Optional[_dt.datetime] = None) -> str:
     """Legend title: task, model and date (the user sees where the map came from)."""
     when = when or _dt.datetime.now()
     return tr("ReFound {task} – {model} – {date}").format(task=task_label(task), model=model_name or "?",
-                                                         date=when.strftime("%Y-%m-%d %H:%M"))
+                                                         date=when.strftime("%Y-%m-%d %H:%M:%S"))
 
 
 def memory_layer(cells: Sequence, crs_authid: str, title: str, embeddings: bool = False) -> QgsVectorLayer:
@@ -104,7 +111,7 @@ def write_geopackage(layer: QgsVectorLayer, path: str, task: str = "", kind: Opt
         if task:
             written = QgsVectorLayer(f"{tmp}|layername={CELLS_LAYER}", layer.name(), "ogr")
             apply_style(written, task, kind, classes)
-            written.saveStyleToDatabase(layer.name(), "ReFound default style", True, "")
+            written.saveStyleToDatabase(style_name(task), "ReFound default style", True, "")
             del written
         os.replace(tmp, path)
     finally:
@@ -153,14 +160,27 @@ def set_provenance(layer: QgsVectorLayer, task: str, model_name: str, checkpoint
     layer.setMetadata(md)
 
 
+def unique_name(name: str, project: QgsProject) -> str:
+    """``name``, or ``name (2)``, ``name (3)``... when the project already has a layer of that name."""
+    taken = {lyr.name() for lyr in project.mapLayers().values()}
+    k, out = 2, name
+    while out in taken:
+        out, k = f"{name} ({k})", k + 1
+    return out
+
+
 def add_to_project(layer: QgsVectorLayer, input_layer_ids: Sequence[str] = (), project: QgsProject = None) -> None:
-    """Add ``layer`` to the project just above the top-most of the input layers (else on top)."""
+    """Add ``layer`` to the project above the top-most of the input layers and of earlier ReFound
+    results (no inputs: on top), so a new analysis is always visible; its name is made unique."""
     project = project or QgsProject.instance()
+    layer.setName(unique_name(layer.name(), project))
     project.addMapLayer(layer, False)
     root = project.layerTreeRoot()
     wanted = set(i for i in input_layer_ids if i)
-    for node in root.findLayers():  # tree order: first found = top-most
-        if node.layerId() in wanted:
+    for node in root.findLayers() if wanted else []:  # tree order: first found = top-most
+        other = node.layer()
+        if node.layerId() != layer.id() and (node.layerId() in wanted or (
+                other is not None and other.customProperty(RESULT_PROPERTY))):
             parent = node.parent()
             parent.insertChildNode(parent.children().index(node), QgsLayerTreeLayer(layer))
             return
@@ -180,6 +200,7 @@ def build_result_layer(cells: Sequence, crs_authid: str, task: str, model_name: 
         layer = write_geopackage(layer, output_path, task, kind, classes)
     apply_style(layer, task, kind, classes)
     set_provenance(layer, task, model_name, checkpoint, inputs or {}, when, backend)
+    layer.setCustomProperty(RESULT_PROPERTY, task)
     return layer
 
 

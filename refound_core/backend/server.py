@@ -83,6 +83,9 @@ def write_token_file(token: str, path: Optional[str] = None) -> Path:
     return path
 
 
+CLIENT_TIMEOUT_S = 30.0  # seconds a connection may stay silent while sending its request
+
+
 class _Canceled(Exception):
     pass
 
@@ -155,6 +158,12 @@ class _Handler(BaseHTTPRequestHandler):
     server: BackendServer
     protocol_version = "HTTP/1.1"
     server_version = "refound-backend"
+
+    def setup(self):
+        # A client that stalls mid-request is dropped after this many seconds, so a slow or stuck
+        # client holds one thread for a bounded time (the others keep being served meanwhile).
+        self.timeout = getattr(self.server, "client_timeout_s", CLIENT_TIMEOUT_S)
+        super().setup()
 
     # -- plumbing -------------------------------------------------------------------------------
     def log_message(self, fmt, *args):  # quiet by default; routed to logging

@@ -171,14 +171,21 @@ class ChipReader:
         resampling = Resampling.nearest if self.paletted else Resampling.bilinear
         # GDAL warps the validity (nodata, mask, alpha, outside) into an alpha band: the source's own
         # alpha band when it has one, else one added to the VRT.
-        with WarpedVRT(src, crs=crs, transform=transform, width=s, height=s, resampling=resampling,
-                       add_alpha=self._alpha_band is None) as vrt:
-            alpha = vrt.read(self._alpha_band or vrt.count)
-            valid = alpha >= 128
-            coverage = float(valid.mean())
-            if coverage == 0.0:
-                return Chip(None, 0.0, self.replicated)
-            data = vrt.read(list(self.bands))  # [len(bands), S, S] in the source dtype
+        import rasterio
+
+        try:
+            with WarpedVRT(src, crs=crs, transform=transform, width=s, height=s, resampling=resampling,
+                           add_alpha=self._alpha_band is None) as vrt:
+                alpha = vrt.read(self._alpha_band or vrt.count)
+                valid = alpha >= 128
+                coverage = float(valid.mean())
+                if coverage == 0.0:
+                    return Chip(None, 0.0, self.replicated)
+                data = vrt.read(list(self.bands))  # [len(bands), S, S] in the source dtype
+        except rasterio.errors.RasterioError as exc:  # a block GDAL cannot decode: a damaged file
+            raise InputError(f"imagery raster {self.path} cannot be read at {tuple(round(v) for v in bounds)} "
+                             f"(GDAL: {str(exc).splitlines()[0]}); the file is damaged or truncated, "
+                             "re-download or re-export it (check with gdalinfo -checksum)") from None
         rgb = self._to_rgb_uint8(data)
         rgb[~valid] = 0
         return Chip(rgb, coverage, self.replicated, None if coverage >= 1.0 else valid)

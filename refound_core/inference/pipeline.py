@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Callable, Iterable, Optional, Sequence
 
 from refound_core.data.grid import DEFAULT_MAX_CELLS
+from refound_core.data.validate import COST_WARN_CELLS, OutputLock, check_imagery, check_output, cost_estimate
 from refound_core.errors import InputError
 
 log = logging.getLogger("refound.inference")
@@ -67,6 +68,7 @@ class AnalysisRequest:
         predictor: an already loaded Predictor to reuse (the plugin keeps one per session).
         block_cells: cells per grid block (unit of the POI join and of distributed sharding).
         max_cells, max_cells_hint: more cells than this is refused, with the hint as what to do.
+        overwrite: whether an existing ``out`` file may be replaced (checked before any work).
         min_image_coverage: a chip with a smaller share of valid pixels is not used (None = the
             core default, ``featurize.DEFAULT_MIN_IMAGE_COVERAGE``); applies to a loaded model.
     """
@@ -91,6 +93,7 @@ class AnalysisRequest:
     max_cells: int = DEFAULT_MAX_CELLS
     max_cells_hint: str = "use a smaller extent, a larger cell size, or raise max_cells"
     min_image_coverage: Optional[float] = None
+    overwrite: bool = True  # False: an existing ``out`` is refused (the CLI without --overwrite)
 
 
 @dataclass
@@ -213,6 +216,8 @@ def _sample_blocks(request, source, frame, image_size: int, rank: int, world: in
         return source.own_blocks(block_cells), None
     t0 = time.perf_counter()
     grid, ranges, total = plan_grid(frame, request)
+    if total > COST_WARN_CELLS:  # a long run says so before it starts (the plugin asks first)
+        log.warning("large run: %s", cost_estimate(total, str(request.device)))
     blocks = [b for i, b in enumerate(grid.blocks(ranges, block_cells)) if i % world == rank]
     source.timer("grid", time.perf_counter() - t0)
     source.prepare(grid, ranges, image_size)
@@ -277,6 +282,29 @@ def run_analysis(request: AnalysisRequest, source=None, model=None, sink=None,
 
     cancel = cancel or is_canceled
     _validate(request, source, sink, model)
+    lock = None
+    if sink is None and _dist_env()[0] == 0:  # file output: checked and locked before any work
+        check_output(request.out, overwrite=request.overwrite, what="output")
+        lock = OutputLock(request.out).acquire()
+    try:
+        early = []
+        if source is None and request.samples is None and request.imagery:
+            early = check_imagery(request.imagery)
+            for n in early:
+                log.warning("%s", n)
+        result = _run(request, source, model, sink, progress, cancel)
+        result.notices[:0] = [n for n in early if n not in result.notices]
+        return result
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _run(request, source, model, sink, progress, cancel) -> AnalysisResult:
+    from refound_core.inference.predictor import AnalysisCanceled, _prefetch
+    from refound_core.inference.sinks import RunInfo, sink_for_request
+    from refound_core.inference.sources import source_for_request
+
     t_start = time.perf_counter()
     timer = _Timer()
     rank, world, local_rank = _dist_env()

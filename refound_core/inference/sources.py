@@ -17,6 +17,7 @@ embedding outputs back through a source over those files.
 """
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from abc import ABC, abstractmethod
@@ -150,6 +151,13 @@ class FileCellSource(CellSource):
             t0 = time.perf_counter()
             self.pois = read_pois(self.poi_path, name_field=self.name_field, category_field=self.category_field,
                                   layer=self.poi_layer)
+            from refound_core.data.validate import check_pois, geometry_notice
+
+            for n in check_pois(self.pois, self.poi_path, self.name_field) + [geometry_notice(self.poi_path,
+                                                                                              self.poi_layer)]:
+                if n:  # a conversion rule applied: said when it happens (the CLI's stderr, the plugin's log)
+                    logging.getLogger("refound.inference").warning("%s", n)
+                    notices.append(n)
             self.timer("poi_join", time.perf_counter() - t0)
             if extent_crs is None:
                 extent_crs = self.pois.crs
@@ -176,7 +184,12 @@ class FileCellSource(CellSource):
             self.pois = pois.take(np.flatnonzero(keep))  # only the area's POIs are kept in memory
             self.timer("poi_join", time.perf_counter() - t0)
         if self.imagery is not None:
+            from refound_core.data.validate import check_imagery_overlap
+
             ChipReader(self.imagery, size_px=self.image_size).close()  # fail early on a bad raster
+            col0, col1, row0, row1 = ranges  # an extent far from the raster would predict blank chips
+            s = grid.cell_size
+            check_imagery_overlap(self.imagery, (col0 * s, row0 * s, col1 * s, row1 * s), grid.crs)
             self._pool = ThreadPoolExecutor(IMAGE_THREADS, thread_name_prefix="refound-chips")
 
     def _reader(self):
@@ -191,7 +204,7 @@ class FileCellSource(CellSource):
 
     def _read_chip(self, cell):
         t0 = time.perf_counter()
-        chip = self._reader().read_cell(cell)
+        chip = self._reader().read_cell(cell)  # a damaged file raises InputError (imagery.py)
         self.timer("image_reads", time.perf_counter() - t0)
         return chip
 

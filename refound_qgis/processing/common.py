@@ -88,6 +88,6 @@ def _style_file_output(dest_id: str, task: str, kind, title: str, feedback, clas
         return
     try:
         results.apply_style(layer, task, kind, classes)
-        layer.saveStyleToDatabase(title, "ReFound default style", True, "")
+        layer.saveStyleToDatabase(results.style_name(task), "ReFound default style", True, "")
     except Exception as exc:  # noqa: BLE001 - a style is a nicety; the data is written
         feedback.reportError(tr("The style could not be stored in {p}: {e}").format(p=path, e=exc))

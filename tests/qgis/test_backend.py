@@ -127,10 +127,14 @@ def test_local_backend_process_matches_in_process(qgis_app, auth_db, project, sc
 
         with pytest.raises(InputError, match="401"):
             execute(wrong)
+        with open(be.log_path, encoding="utf-8") as fh:
+            assert be.token not in fh.read()  # the log is readable by people, never the token
     finally:
         procs = [b.proc for b in backend._LOCAL.values()]
+        folders = [b.folder for b in backend._LOCAL.values()]
         backend.stop_local_backends()
     assert all(p is None or p.poll() is not None for p in procs)
+    assert folders and not any(os.path.exists(f) for f in folders)  # token file and log removed
     inproc = execute(AnalysisParams(backend="inprocess", **base))
     want = {c.cell_id: c.value for c in inproc.cells if c.sufficient}
     assert len(want) == IMAGE_COLS * SCENE_CELLS
@@ -140,3 +144,27 @@ def test_local_backend_process_matches_in_process(qgis_app, auth_db, project, sc
         for k, v in want.items():
             assert vals[k] == pytest.approx(v, rel=1e-4, abs=1e-4)
         assert all(math.isnan(r.value) for r in got.cells if not r.sufficient)
+
+
+HEADLESS = """
+import sys
+from refound_qgis.backend import LocalBackend, _LOCAL
+be = LocalBackend(sys.executable, sys.argv[1], "cpu").start()
+_LOCAL["k"] = be
+print(be.proc.pid, be.folder, flush=True)
+"""  # then the interpreter ends without unloading the plugin, as qgis_process does
+
+
+def test_headless_run_leaves_no_backend_process_or_folder(qgis_app, checkpoints):
+    import subprocess
+    import time
+
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    res = subprocess.run([sys.executable, "-c", HEADLESS, str(checkpoints["population"])], capture_output=True,
+                         text=True, timeout=240, env=env)
+    assert res.returncode == 0, res.stderr[-2000:]
+    pid, folder = res.stdout.split()[-2:]
+    deadline = time.monotonic() + 15
+    while os.path.exists(f"/proc/{pid}") and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not os.path.exists(f"/proc/{pid}") and not os.path.exists(folder)

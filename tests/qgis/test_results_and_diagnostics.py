@@ -33,7 +33,7 @@ def test_result_layer_from_backend_answers(qgis_app, tmp_path):
     when = dt.datetime(2024, 8, 25, 9, 30)
     layer = results.build_result_layer(_cells(), EPSG, "population", "refound_small", checkpoint="/ck",
                                        inputs={"POIs": "pois"}, when=when)
-    assert layer.name() == "ReFound Population – refound_small – 2024-08-25 09:30"
+    assert layer.name() == "ReFound Population – refound_small – 2024-08-25 09:30:00"
     assert layer.fields().names() == ["cell_id", "prediction", "poi_count", "image_coverage", "image_used", "sufficient"]
     feats = {f["cell_id"]: f for f in layer.getFeatures()}
     assert len(feats) == 6 and layer.crs().authid() == EPSG

