@@ -37,6 +37,7 @@ def torch_in_qgis() -> tuple:
     if "ok" not in _TORCH_STATE:
         try:
             import importlib
+            import importlib.util
             import sys
 
             # torch -> torch._dynamo imports Triton, whose bundled LLVM segfaults next to the
@@ -46,6 +47,12 @@ def torch_in_qgis() -> tuple:
             if "triton" not in sys.modules:
                 sys.modules["triton"] = None
             torch = importlib.import_module("torch")
+            # The plugin zip ships a cut-down refound_core without the model code; when it is the
+            # copy on sys.path, importing the predictor would fail mid-run (ModuleNotFoundError):
+            # then in-process inference is "not usable here" and auto picks the local backend.
+            if importlib.util.find_spec("refound_core.inference.predictor") is None:
+                raise ImportError("this refound_core (the plugin's bundled copy) has no model code; use the "
+                                  "local backend with an environment where refound is installed")
             _TORCH_STATE.update(ok=True, detail=str(getattr(torch, "__version__", "?")))
         except Exception as exc:  # noqa: BLE001 - any failure means "not usable here"
             _TORCH_STATE.update(ok=False, detail=f"{type(exc).__name__}: {exc}")

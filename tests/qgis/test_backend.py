@@ -168,3 +168,31 @@ def test_headless_run_leaves_no_backend_process_or_folder(qgis_app, checkpoints)
     while os.path.exists(f"/proc/{pid}") and time.monotonic() < deadline:
         time.sleep(0.2)
     assert not os.path.exists(f"/proc/{pid}") and not os.path.exists(folder)
+
+
+PARTIAL = """
+from refound_core.errors import InputError
+from refound_qgis.backend import resolve_backend
+try:
+    resolve_backend("auto")
+except InputError as exc:
+    print("INPUT-ERROR", exc)
+"""
+
+
+def test_partial_refound_core_is_never_used_for_inference(qgis_app, tmp_path):
+    """The plugin's cut-down refound_core (no predictor) first on sys.path, torch importable:
+    auto must not choose in-process inference (which would fail with ModuleNotFoundError) but
+    say what to configure."""
+    import shutil
+    import subprocess
+
+    pytest.importorskip("torch")
+    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    shutil.copytree(os.path.join(repo, "refound_core"), tmp_path / "refound_core")
+    (tmp_path / "refound_core" / "inference" / "predictor.py").unlink()
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tmp_path)] + sys.path))
+    res = subprocess.run([sys.executable, "-c", PARTIAL], capture_output=True, text=True, timeout=120, env=env,
+                         cwd=tmp_path)
+    assert "Traceback" not in res.stderr, res.stderr[-2000:]
+    assert "INPUT-ERROR" in res.stdout and "bundled copy" in res.stdout and "backend" in res.stdout, res.stdout
