@@ -11,16 +11,13 @@ from __future__ import annotations
 import numpy as np
 from qgis.core import (
     QgsCoordinateTransform,
-    QgsFeature,
-    QgsField,
     QgsGeometry,
     QgsMapLayerProxyModel,
     QgsPointXY,
     QgsProject,
-    QgsVectorLayer,
 )
 from qgis.gui import QgsMapLayerComboBox, QgsMapToolEmitPoint
-from qgis.PyQt.QtCore import QVariant, pyqtSignal
+from qgis.PyQt.QtCore import pyqtSignal
 from qgis.PyQt.QtWidgets import (
     QComboBox,
     QFormLayout,
@@ -35,67 +32,8 @@ from qgis.PyQt.QtWidgets import (
 
 from refound_core.errors import InputError
 
-from . import explore_styles
+from .explore_layers import result_layer, table_from_layer
 from .settings import tr
-
-
-def table_from_layer(layer: QgsVectorLayer):
-    """The layer's ``emb_000...`` fields as a core ``EmbeddingTable`` (any provider, memory too)."""
-    from refound_core.explore.io import EMB_FIELD, EmbeddingTable, _check_rows
-
-    names = [f.name() for f in layer.fields()]
-    emb = sorted((int(m.group(1)), n) for n in names if (m := EMB_FIELD.match(n)))
-    if not emb or "cell_id" not in names:
-        raise InputError(tr("layer {l} has no cell_id and emb_000... fields; compute region embeddings first")
-                         .format(l=layer.name()))
-    idx = [layer.fields().indexOf(n) for _, n in emb]
-    ids, rows, geoms = [], [], []
-    for f in layer.getFeatures():
-        attrs = f.attributes()
-        ids.append(str(f["cell_id"]))
-        rows.append([np.nan if attrs[i] is None or attrs[i] == QVariant() else float(attrs[i]) for i in idx])
-        geoms.append(bytes(f.geometry().asWkb()))
-    if not ids:
-        raise InputError(tr("layer {l} has no cells").format(l=layer.name()))
-    mat = np.asarray(rows, dtype=np.float32)
-    valid = _check_rows(mat, layer.name())
-    return EmbeddingTable(layer.name(), np.asarray(ids, dtype=object), mat, valid, np.asarray(geoms, dtype=object),
-                          layer.crs().authid(), column="emb")
-
-
-def result_layer(table, columns: dict, title: str, kind: str) -> QgsVectorLayer:
-    """A memory polygon layer: cell_id + ``columns`` (float, int, bool or str arrays), styled."""
-    layer = QgsVectorLayer(f"Polygon?crs={table.crs}", title, "memory")
-    types = {}
-    fields = [QgsField("cell_id", QVariant.String)]
-    for name, values in columns.items():
-        a = np.asarray(values)
-        types[name] = (QVariant.Double if a.dtype.kind == "f" else QVariant.Int if a.dtype.kind in "iub"
-                       else QVariant.String)
-        fields.append(QgsField(name, types[name]))
-    layer.dataProvider().addAttributes(fields)
-    layer.updateFields()
-    feats = []
-    for i, cid in enumerate(table.cell_ids):
-        f = QgsFeature(layer.fields())
-        g = QgsGeometry()
-        g.fromWkb(table.geometry[i])
-        f.setGeometry(g)
-        vals = [str(cid)]
-        for name, values in columns.items():
-            v = values[i]
-            if types[name] == QVariant.Double:
-                vals.append(None if not np.isfinite(v) else float(v))
-            elif types[name] == QVariant.Int:
-                vals.append(int(v))
-            else:
-                vals.append(v)
-        f.setAttributes(vals)
-        feats.append(f)
-    layer.dataProvider().addFeatures(feats)
-    layer.updateExtents()
-    explore_styles.style_layer(layer, kind)
-    return layer
 
 
 class ExplorePanel(QWidget):

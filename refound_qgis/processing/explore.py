@@ -18,7 +18,7 @@ from qgis.core import (
 
 from refound_core.errors import InputError
 
-from .. import explore_styles
+from .. import explore_layers, explore_styles
 from ..settings import tr
 from .common import RefoundAlgorithm, _advanced, _keep
 
@@ -63,21 +63,16 @@ class _ExploreAlgorithm(RefoundAlgorithm):
         pass
 
     def table(self, key, parameters, context):
-        from refound_core.explore.io import read_embeddings
-
         path = self.parameterAsFile(parameters, key, context)
-        return read_embeddings(path, COLUMNS[self.parameterAsEnum(parameters, self.COLUMN, context)])
+        return explore_layers.read_table(path, COLUMNS[self.parameterAsEnum(parameters, self.COLUMN, context)])
 
     def processAlgorithm(self, parameters, context, feedback):  # noqa: N802
-        from refound_core.explore.io import write_result
-
         out = self.parameterAsFileOutput(parameters, self.OUTPUT, context)
         try:
             table, columns, extra, results = self.compute(parameters, context, feedback)
-            write_result(out, table, columns, **extra)
+            explore_layers.write_gpkg(table, columns, out, self.displayName(), self.KIND, **extra)
         except InputError as exc:
             raise QgsProcessingException(str(exc)) from None
-        explore_styles.store_style(out, self.KIND, self.displayName())
         details = QgsProcessingContext.LayerDetails(self.displayName(), context.project(), self.OUTPUT)
         details.setPostProcessor(_keep(_Styler(self.KIND)))
         context.addLayerToLoadOnCompletion(out, details)
@@ -103,7 +98,6 @@ class FindSimilarRegions(_ExploreAlgorithm):
 
     def compute(self, parameters, context, feedback):
         import numpy as np
-        import shapely
 
         from refound_core.explore.similar import find_similar
 
@@ -111,8 +105,9 @@ class FindSimilarRegions(_ExploreAlgorithm):
         target = self.table(self.TARGET, parameters, context) if self.parameterAsFile(parameters, self.TARGET, context) else None
         ids = [c.strip() for c in (self.parameterAsString(parameters, self.CELLS, context) or "").split(",") if c.strip()]
         wkt = (self.parameterAsString(parameters, self.POLYGON, context) or "").strip()
-        res = find_similar(table, ids, shapely.from_wkt(wkt) if wkt else None,
-                           self.parameterAsInt(parameters, self.TOP_K, context), target)
+        if wkt:  # QGIS geometry, not shapely (explore_layers: GEOS clash inside qgis_process)
+            ids += explore_layers.cells_in_polygon(table, wkt)
+        res = find_similar(table, ids, None, self.parameterAsInt(parameters, self.TOP_K, context), target)
         out_t = target or table
         query = np.zeros(len(out_t.cell_ids), dtype=bool)
         if target is None:
@@ -155,12 +150,14 @@ class EmbeddingColours(_ExploreAlgorithm):
         self.addParameter(QgsProcessingParameterEnum(self.METHOD, tr("Projection"), ["pca", "umap"], defaultValue=0))
 
     def compute(self, parameters, context, feedback):
+        import numpy as np
+
         from refound_core.explore.colours import embedding_colours
 
         table = self.table(self.INPUT, parameters, context)
         res = embedding_colours(table, ("pca", "umap")[self.parameterAsEnum(parameters, self.METHOD, context)])
         c = res["components"]
-        cols = {"colour": res["colour"], "pc1": c[:, 0], "pc2": c[:, 1], "pc3": c[:, 2]}
+        cols = {"colour": np.asarray(res["colour"], dtype=object), "pc1": c[:, 0], "pc2": c[:, 1], "pc3": c[:, 2]}
         return table, cols, {}, {"CELLS": len(table.cell_ids)}
 
 
