@@ -1,9 +1,7 @@
 """The ReFound panel: pick inputs, run on the current map extent, watch progress, cancel.
 
-The dock only gathers what the user chose into :class:`refound_qgis.task.AnalysisParams` (with
-thread-safe snapshots of the layers) and hands it to :class:`refound_qgis.task.AnalysisTask`
-(:mod:`refound_qgis.dock_run`); the analysis itself is ``run_analysis``, as for the Processing
-algorithms and ``refound predict``.
+The dock gathers the user's choices into ``task.AnalysisParams`` for ``task.AnalysisTask`` (``dock_run``);
+the analysis itself is ``run_analysis``, as for the Processing algorithms and ``refound predict``.
 """
 from __future__ import annotations
 
@@ -21,7 +19,6 @@ from qgis.PyQt.QtWidgets import (
     QProgressBar,
     QPushButton,
     QSpinBox,
-    QTabWidget,
     QVBoxLayout,
     QWidget,
 )
@@ -162,13 +159,9 @@ class RefoundDock(AnalysisRunMixin, QgsDockWidget):
             combo.setSizeAdjustPolicy(QComboBox.SizeAdjustPolicy.AdjustToMinimumContentsLengthWithIcon)
             combo.setMinimumContentsLength(12)
             combo.setMinimumWidth(80)
-        from .dock_explore import ExplorePanel  # the Explore tab (similar cells, colours, clusters)
+        from .dock_explore import add_tabs  # Analyze + the Explore tab (similar cells, colours, clusters)
 
-        self.tabs = QTabWidget(self)
-        self.tabs.addTab(body, tr("Analyze"))
-        self.explore_panel = ExplorePanel(self.iface, self.tabs)
-        self.tabs.addTab(self.explore_panel, tr("Explore"))
-        self.setWidget(self.tabs)
+        self.tabs, self.explore_panel = add_tabs(self, body)
 
     def _restore(self):
         self._set_combo_data(self.task_combo, settings.value("task"))
@@ -293,9 +286,8 @@ class RefoundDock(AnalysisRunMixin, QgsDockWidget):
 
     def _store_token(self):
         """A token typed into the panel goes to QgsAuthManager; QgsSettings keeps only the config id."""
-        token = self.backend_token_edit.text().strip()
-        if token:
-            auth.remember_token(token)
+        if self.backend_token_edit.text().strip():
+            auth.remember_token(self.backend_token_edit.text().strip())
             self._show_token_state()
 
     def _save_settings(self):

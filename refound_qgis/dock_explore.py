@@ -150,3 +150,17 @@ class ExplorePanel(QWidget):
     def shutdown(self):
         if self.pick_button.isChecked():
             self.pick_button.setChecked(False)
+
+
+def add_tabs(dock, body):
+    """The dock's tabs: ``body`` (Analyze) and the Explore panel; ``(tabs, explore_panel)``."""
+    from qgis.PyQt.QtWidgets import QTabWidget
+
+    from .settings import tr
+
+    tabs = QTabWidget(dock)
+    tabs.addTab(body, tr("Analyze"))
+    panel = ExplorePanel(dock.iface, tabs)
+    tabs.addTab(panel, tr("Explore"))
+    dock.setWidget(tabs)
+    return tabs, panel

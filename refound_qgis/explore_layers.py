@@ -17,6 +17,7 @@ from qgis.PyQt.QtCore import QVariant
 from refound_core.errors import InputError
 
 from . import explore_styles
+from .features import DOUBLE, INT, STRING
 from .settings import tr
 
 
@@ -79,11 +80,10 @@ def result_layer(table, columns: dict, title: str, kind: str, cell_ids=None, geo
     """A memory polygon layer: cell_id + ``columns`` (float, int, bool or str arrays), styled."""
     layer = QgsVectorLayer(f"Polygon?crs={table.crs}", title, "memory")
     types = {}
-    fields = [QgsField("cell_id", QVariant.String)]
+    fields = [QgsField("cell_id", STRING)]
     for name, values in columns.items():
         a = np.asarray(values)
-        types[name] = (QVariant.Double if a.dtype.kind == "f" else QVariant.Int if a.dtype.kind in "iub"
-                       else QVariant.String)
+        types[name] = (DOUBLE if a.dtype.kind == "f" else INT if a.dtype.kind in "iub" else STRING)
         fields.append(QgsField(name, types[name]))
     layer.dataProvider().addAttributes(fields)
     layer.updateFields()
@@ -98,9 +98,9 @@ def result_layer(table, columns: dict, title: str, kind: str, cell_ids=None, geo
         vals = [str(cid)]
         for name, values in columns.items():
             v = values[i]
-            if types[name] == QVariant.Double:
+            if types[name] == DOUBLE:
                 vals.append(None if not np.isfinite(v) else float(v))
-            elif types[name] == QVariant.Int:
+            elif types[name] == INT:
                 vals.append(int(v))
             else:
                 vals.append(v)

@@ -276,7 +276,7 @@ def test_explore_algorithms_run_under_qgis_process(explore_city, tmp_path):
     (tmp_path / "home").mkdir()
     env = _qgis_process_env(tmp_path / "home", plugins)
     en = subprocess.run([qp, "plugins", "enable", "refound_qgis"], env=env, capture_output=True, text=True, timeout=120)
-    assert en.returncode == 0, en.stdout[-2000:] + en.stderr[-2000:]
+    assert en.returncode == 0 or "already enabled" in en.stderr, en.stdout[-2000:] + en.stderr[-2000:]
     emb, twin = str(explore_city["emb"]), str(explore_city["twin_emb"])
     q = json.loads(subprocess.run([sys.executable, "-c", "import pyarrow.parquet as pq; import json; "
                                    f"print(json.dumps(pq.read_table({emb!r}).column('cell_id')[0].as_py()))"],
