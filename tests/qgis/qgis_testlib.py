@@ -80,3 +80,20 @@ def expected_cell_count(rect, cell: float = CELL) -> int:
     cols = math.ceil(rect.xMaximum() / cell) - math.floor(rect.xMinimum() / cell)
     rows = math.ceil(rect.yMaximum() / cell) - math.floor(rect.yMinimum() / cell)
     return cols * rows
+
+
+def show_canvas(qtbot, iface, crs, extent):
+    """A shown, square top-level map canvas behind the mocked ``iface``: the mocked iface's canvas
+    sits in a hidden main window and never gets its size, so its extent would not be the one set."""
+    from qgis.core import QgsCoordinateReferenceSystem
+    from qgis.gui import QgsMapCanvas
+
+    canvas = QgsMapCanvas()
+    qtbot.addWidget(canvas)
+    canvas.resize(400, 400)
+    canvas.show()
+    qtbot.waitUntil(lambda: canvas.mapSettings().outputSize().width() > 300)
+    iface.mapCanvas.return_value = canvas
+    canvas.setDestinationCrs(QgsCoordinateReferenceSystem(crs))
+    canvas.setExtent(extent)
+    return canvas

@@ -5,6 +5,8 @@ from __future__ import annotations
 import threading
 
 import pytest
+
+from qgis_testlib import show_canvas  # noqa: E402
 from qgis_testlib import CELL, EPSG, SCENE_CELLS
 
 pytestmark = pytest.mark.qgis
@@ -69,21 +71,12 @@ def server(qgis_app, checkpoints):
 
 def test_dock_runs_remote_with_the_token_from_the_auth_database(qtbot, iface, auth_db, clean_settings, project,
                                                                  scene_layers, server, log_messages):
-    from qgis.core import QgsCoordinateReferenceSystem
-    from qgis.gui import QgsMapCanvas
     from qgis_testlib import scene_extent
 
     from refound_qgis import auth, settings
     from refound_qgis.dock import RefoundDock
 
-    canvas = QgsMapCanvas()
-    qtbot.addWidget(canvas)
-    canvas.resize(400, 400)
-    canvas.show()
-    qtbot.waitUntil(lambda: canvas.mapSettings().outputSize().width() > 300)
-    iface.mapCanvas.return_value = canvas
-    canvas.setDestinationCrs(QgsCoordinateReferenceSystem(EPSG))
-    canvas.setExtent(scene_extent())
+    canvas = show_canvas(qtbot, iface, EPSG, scene_extent())
     dock = RefoundDock(iface)
     qtbot.addWidget(dock)
     pois, img = scene_layers

@@ -5,6 +5,8 @@ import math
 import os
 
 import pytest
+
+from qgis_testlib import show_canvas  # noqa: E402
 from qgis_testlib import CELL, EPSG, IMAGE_COLS, SCENE_CELLS, X0, Y0, expected_cell_count, scene_extent
 
 pytestmark = pytest.mark.qgis
@@ -13,21 +15,12 @@ TIMEOUT_MS = 60_000
 
 @pytest.fixture
 def dock(iface, qtbot, clean_settings):
-    from qgis.core import QgsCoordinateReferenceSystem
-    from qgis.gui import QgsMapCanvas
 
     from refound_qgis.dock import RefoundDock
 
     # A shown, square top-level canvas: the mocked iface's canvas sits in a hidden main window
     # and never gets its size, so its extent would not be the one set.
-    canvas = QgsMapCanvas()
-    qtbot.addWidget(canvas)
-    canvas.resize(400, 400)
-    canvas.show()
-    qtbot.waitUntil(lambda: canvas.mapSettings().outputSize().width() > 300)
-    iface.mapCanvas.return_value = canvas
-    canvas.setDestinationCrs(QgsCoordinateReferenceSystem(EPSG))
-    canvas.setExtent(scene_extent())
+    canvas = show_canvas(qtbot, iface, EPSG, scene_extent())
     d = RefoundDock(iface)
     qtbot.addWidget(d)
     yield d

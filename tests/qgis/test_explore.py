@@ -5,6 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from qgis_testlib import show_canvas  # noqa: E402
+
 pytestmark = pytest.mark.qgis
 
 
@@ -200,8 +202,7 @@ def test_dock_explore_tab_click_a_cell(iface, qtbot, project, explore_city, tmp_
     """The Explore tab's map tool: a real mouse click on the canvas over a cell adds a similarity
     layer whose best cell (after the query itself) is the query's most similar cell per the core."""
     import geopandas as gpd
-    from qgis.core import QgsCoordinateReferenceSystem, QgsGraduatedSymbolRenderer, QgsVectorLayer
-    from qgis.gui import QgsMapCanvas
+    from qgis.core import QgsGraduatedSymbolRenderer, QgsVectorLayer
     from qgis.PyQt.QtCore import Qt
 
     from refound_core.explore.io import read_embeddings
@@ -216,14 +217,7 @@ def test_dock_explore_tab_click_a_cell(iface, qtbot, project, explore_city, tmp_
     layer = QgsVectorLayer(str(gpkg), "embeddings", "ogr")
     project.addMapLayer(layer)
 
-    canvas = QgsMapCanvas()
-    qtbot.addWidget(canvas)
-    canvas.resize(400, 400)
-    canvas.show()
-    qtbot.waitUntil(lambda: canvas.mapSettings().outputSize().width() > 300)
-    iface.mapCanvas.return_value = canvas
-    canvas.setDestinationCrs(QgsCoordinateReferenceSystem(t.crs))
-    canvas.setExtent(layer.extent())
+    canvas = show_canvas(qtbot, iface, t.crs, layer.extent())
     canvas.refresh()
     dock = RefoundDock(iface)
     qtbot.addWidget(dock)
