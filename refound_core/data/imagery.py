@@ -50,7 +50,8 @@ class ChipReader:
     """Reads RGB chips for cells from one raster; see the module docstring for the rules.
 
     Args:
-        path: any raster GDAL opens (GeoTIFF, VRT, JPEG2000, ...).
+        path: any raster GDAL opens (GeoTIFF, VRT, JPEG2000, ..., or a ``/vsi*`` path such as
+            ``/vsicurl/https://.../cog.tif``: read as windows, never whole).
         size_px: chip side in pixels (paper: 256 for a 256 m cell, i.e. 1 m).
         bands: 1-based band indices ``(r, g, b)``; default the first three (or band 1 replicated).
         value_range: fixed ``(lo, hi)`` for non-uint8 rasters instead of the percentile stretch.
@@ -60,8 +61,11 @@ class ChipReader:
 
     def __init__(self, path, size_px: int = 256, bands: Optional[Sequence[int]] = None,
                  value_range: Optional[Sequence[float]] = None):
-        self.path = Path(path)
-        if not self.path.exists():
+        from refound_core.data.imagery_source import is_gdal_path
+
+        self.remote = is_gdal_path(path)  # /vsicurl/, /vsis3/ ...: GDAL resolves it (no local check)
+        self.path = path if self.remote else Path(path)
+        if not self.remote and not self.path.exists():
             raise InputError(f"imagery raster {self.path} does not exist; check the path")
         if int(size_px) <= 0:
             raise InputError(f"chip size {size_px!r} must be a positive number of pixels (paper: 256)")
@@ -108,8 +112,9 @@ class ChipReader:
             try:
                 self._src = rasterio.open(self.path)
             except rasterio.errors.RasterioIOError as exc:
-                raise InputError(f"imagery raster {self.path} cannot be opened by GDAL ({exc}); give a "
-                                 "GeoTIFF or another GDAL raster") from None
+                hint = ("check the URL/bucket, the network and the credentials GDAL needs (e.g. AWS_* "
+                        "for /vsis3/)" if self.remote else "give a GeoTIFF or another GDAL raster")
+                raise InputError(f"imagery raster {self.path} cannot be opened by GDAL ({exc}); {hint}") from None
         return self._src
 
     def close(self):

@@ -140,16 +140,21 @@ def _check_exists(path, what: str) -> Path:
 
 
 def read_pois(path, *, name_field: str = "name", category_field: str = "category",
-              value_fields: Sequence[str] = (), layer=None, crs=None, encoding=None) -> PoiTable:
-    """Read POIs from an OSM extract (by suffix) or any OGR vector file; see the module docstring."""
+              value_fields: Sequence[str] = (), layer=None, crs=None, encoding=None, bbox=None,
+              max_features=None) -> PoiTable:
+    """Read POIs from an OSM extract (by suffix) or any OGR vector file; see the module docstring.
+    ``bbox`` (in the file's CRS) and ``max_features`` bound the read of a vector file (GDAL's
+    spatial filter, using the layer's spatial index where it has one); an OSM extract is read whole."""
     if is_osm(path):
         return read_osm_pois(path)
     return read_vector_pois(path, name_field=name_field, category_field=category_field,
-                            value_fields=value_fields, layer=layer, crs=crs, encoding=encoding)
+                            value_fields=value_fields, layer=layer, crs=crs, encoding=encoding, bbox=bbox,
+                            max_features=max_features)
 
 
 def read_vector_pois(path, *, name_field: str = "name", category_field: str = "category",
-                     value_fields: Sequence[str] = (), layer=None, crs=None, encoding=None) -> PoiTable:
+                     value_fields: Sequence[str] = (), layer=None, crs=None, encoding=None, bbox=None,
+                     max_features=None) -> PoiTable:
     """POIs from a GeoPackage / Shapefile / GeoJSON layer (pyogrio).
 
     Args:
@@ -159,6 +164,8 @@ def read_vector_pois(path, *, name_field: str = "name", category_field: str = "c
         crs: CRS to assume when the file has none (otherwise refused).
         encoding: text encoding of the attributes when the file does not declare it (Shapefile
             without ``.cpg``); default: GDAL's own detection.
+        bbox: ``(xmin, ymin, xmax, ymax)`` in the file's CRS: only features meeting it are read.
+        max_features: read at most this many features (None: all).
 
     Raises:
         InputError: missing file, unreadable file, missing field (the message lists the fields
@@ -186,7 +193,11 @@ def read_vector_pois(path, *, name_field: str = "name", category_field: str = "c
         raise InputError(f"POI file {p} has no CRS; assign one to the file (e.g. ogr2ogr -a_srs EPSG:4326) "
                          "or pass the CRS of its coordinates")
     columns = list(dict.fromkeys([name_field, category_field, *value_fields]))
-    _, _, geometry, field_data = pyogrio.raw.read(p, layer=layer, columns=columns, encoding=encoding)[:4]
+    bounded = {"bbox": tuple(float(v) for v in bbox)} if bbox is not None else {}
+    if max_features is not None:
+        bounded["max_features"] = int(max_features)
+    _, _, geometry, field_data = pyogrio.raw.read(p, layer=layer, columns=columns, encoding=encoding,
+                                                  **bounded)[:4]
     cols = dict(zip(columns, field_data))
     x, y = _point_xy(geometry, p)
     table = PoiTable(

@@ -94,6 +94,13 @@ class AnalysisRequest:
     max_cells_hint: str = "use a smaller extent, a larger cell size, or raise max_cells"
     min_image_coverage: Optional[float] = None
     overwrite: bool = True  # False: an existing ``out`` is refused (the CLI without --overwrite)
+    # whole regions (refound_core.inference.region): polygon AOI instead of extent, resumable run dir
+    aoi: Optional[str] = None          # polygon layer file; cells whose centre is inside, tagged aoi_id
+    aoi_layer: Optional[str] = None
+    run_dir: object = None             # None: one pass; a path (or True: OUT.run) = sharded, resumable
+    fresh: bool = False                # discard the run dir's finished shards
+    shard_cells: Optional[int] = None  # cells per shard (None: region_plan.SHARD_CELLS)
+    single_process: bool = False       # ignore torchrun's environment (a run dir's shard: ranks from the manifest)
 
 
 @dataclass
@@ -165,8 +172,8 @@ def _validate(req: AnalysisRequest, source, sink, model) -> None:
             raise InputError(f"embedding output {req.out} must be a .parquet (GeoParquet) file")
         if req.task != "embed" and suffix != ".gpkg":
             raise InputError(f"prediction output {req.out} must be a .gpkg (GeoPackage) file")
-    if source is None and req.samples is None and req.extent is None:
-        raise InputError("no extent given; pass --extent XMIN,YMIN,XMAX,YMAX[,CRS]")
+    if source is None and req.samples is None and req.extent is None and not req.aoi:
+        raise InputError("no extent given; pass --extent XMIN,YMIN,XMAX,YMAX[,CRS] or --aoi FILE")
     if model is None and req.predictor is None and not req.checkpoint:
         raise InputError("no checkpoint given; pass --checkpoint CKPT (a folder written by refound)")
 
@@ -281,6 +288,10 @@ def run_analysis(request: AnalysisRequest, source=None, model=None, sink=None,
     from refound_core.inference.sources import source_for_request
 
     cancel = cancel or is_canceled
+    if request.run_dir and source is None and sink is None and request.samples is None:
+        from refound_core.inference.region import run_region  # sharded, resumable (whole regions)
+
+        return run_region(request, progress, cancel)
     _validate(request, source, sink, model)
     lock = None
     if sink is None and _dist_env()[0] == 0:  # file output: checked and locked before any work
@@ -307,7 +318,7 @@ def _run(request, source, model, sink, progress, cancel) -> AnalysisResult:
 
     t_start = time.perf_counter()
     timer = _Timer()
-    rank, world, local_rank = _dist_env()
+    rank, world, local_rank = (0, 1, 0) if request.single_process else _dist_env()
     model = model or request.predictor or _load_model(request, world, local_rank, timer)
     if request.batch_size:
         model.batch_size = int(request.batch_size)

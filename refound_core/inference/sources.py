@@ -121,8 +121,10 @@ class FileCellSource(CellSource):
                  name_field: str = "name", category_field: str = "category"):
         if pois is None and imagery is None:
             raise InputError("neither POIs nor imagery given: every cell would lack data; pass --pois and/or --imagery")
+        from refound_core.data.imagery_source import is_gdal_path
+
         for what, p in (("POI file", pois), ("imagery raster", imagery)):
-            if p is not None and not Path(p).exists():
+            if p is not None and not is_gdal_path(p) and not Path(p).exists():
                 raise InputError(f"{what} {p} does not exist; check the path")
         self.poi_path, self.imagery = pois, imagery
         self.poi_layer, self.name_field, self.category_field = poi_layer, name_field, category_field

@@ -1,9 +1,13 @@
-"""``refound predict``: predict a downstream task for every grid cell of an extent.
+"""``refound predict``: predict a downstream task for every grid cell of an extent or polygon AOI.
 
 Example::
 
     refound predict --checkpoint ckpt/uvd --pois pois.gpkg --imagery city.tif \\
         --extent 113.90,22.50,114.05,22.60,EPSG:4326 --task urban_village --out uv.gpkg
+    refound predict --checkpoint ckpt/uvd --pois pois.gpkg --imagery stac:catalog.json \\
+        --aoi municipalities.gpkg --run-dir uv.run --out uv.gpkg     # resumable: rerun to resume
+
+Every run is sharded and resumable (``refound_core.inference.region``, docs/INFERENCE.md).
 
 Writes a GeoPackage of cell polygons (``cell_id``, ``prediction``, ``poi_count``,
 ``image_coverage``, ``sufficient``) with its QGIS style embedded, then prints the per-stage
@@ -53,9 +57,24 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--poi-layer", default=None, help="layer of the POI file (default: the first)")
     parser.add_argument("--name-field", default="name", help="POI name attribute (default: name)")
     parser.add_argument("--category-field", default="category", help="POI category attribute (default: category)")
-    parser.add_argument("--imagery", default=None, help="RGB satellite raster (GeoTIFF or any GDAL raster)")
-    parser.add_argument("--extent", required=True,
-                        help="XMIN,YMIN,XMAX,YMAX[,CRS]; without CRS the POI file's CRS is assumed")
+    parser.add_argument("--imagery", default=None,
+                        help="RGB satellite raster: a file, any GDAL path (/vsicurl/https://.../cog.tif, /vsis3/..., "
+                             "a .vrt) or stac:PATH_OR_URL (a STAC item or catalog; several scenes are mosaicked, "
+                             "first valid pixel wins)")
+    area = parser.add_mutually_exclusive_group(required=True)
+    area.add_argument("--extent", help="XMIN,YMIN,XMAX,YMAX[,CRS]; without CRS the POI file's CRS is assumed")
+    area.add_argument("--aoi", metavar="FILE",
+                      help="polygon layer (GeoPackage, GeoJSON, Shapefile) instead of --extent: the cells whose "
+                           "centre lies inside; several features = several AOIs, each cell tagged with aoi_id")
+    parser.add_argument("--aoi-layer", metavar="NAME", default=None, help="layer of the --aoi file (default: the first)")
+    parser.add_argument("--run-dir", metavar="DIR", default=None,
+                        help="folder of the resumable run: manifest.json and one GeoParquet shard per block "
+                             "(default: OUT.run beside --out, removed when the output is written; an explicit "
+                             "DIR is kept). Rerun the same command to resume after an interruption")
+    parser.add_argument("--fresh", action="store_true",
+                        help="discard the run directory's finished shards and start over")
+    parser.add_argument("--shard-cells", type=positive_int, default=None,
+                        help="cells per shard, the unit of resuming and of torchrun ranks (default: 1024)")
     parser.add_argument("--cell-size", type=positive_float, default=256.0, help="grid cell size in metres (paper: 256)")
     parser.add_argument("--max-cells", type=positive_int, default=CLI_MAX_CELLS,
                         help=f"refuse extents with more grid cells than this (default: {CLI_MAX_CELLS:,}); runs "
@@ -78,11 +97,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 class _Progress:
-    """One self-overwriting stderr line (or nothing with --quiet)."""
+    """One self-overwriting stderr line across all shards: done/total, cells/s of this run and the
+    ETA (or nothing with --quiet). ``start`` prints the run's size and cost estimate first."""
 
     def __init__(self, quiet: bool):
+        import time
+
         self.quiet = quiet
         self.last = -1
+        self.t0, self.done0, self._clock = time.monotonic(), 0, time.monotonic
+
+    def start(self, text: str, done: int, total: int) -> None:
+        self.t0, self.done0 = self._clock(), int(done)
+        if not self.quiet:
+            print(text, file=sys.stderr, flush=True)
 
     def __call__(self, done: int, total) -> None:
         if self.quiet:
@@ -92,6 +120,12 @@ class _Progress:
             return
         self.last = pct if total else done
         text = f"{done}/{total} cells ({pct}%)" if total else f"{done} cells"
+        dt = self._clock() - self.t0
+        rate = (done - self.done0) / dt if dt > 0 else 0.0
+        if rate > 0:
+            text += f", {rate:.1f} cells/s"
+            if total:
+                text += f", ETA {max(0.0, (total - done) / rate) / 60:.1f} min"
         print(f"\r{text}", end="", file=sys.stderr, flush=True)
 
     def finish(self) -> None:
@@ -102,8 +136,10 @@ class _Progress:
 def request_from_args(args: argparse.Namespace, task: str):
     from refound_core.inference.pipeline import AnalysisRequest
 
-    extent, crs = parse_extent(args.extent)
-    return AnalysisRequest(checkpoint=args.checkpoint, task=task, out=args.out, extent=extent, extent_crs=crs,
+    extent, crs = parse_extent(args.extent) if args.extent else (None, None)
+    return AnalysisRequest(aoi=getattr(args, "aoi", None), aoi_layer=getattr(args, "aoi_layer", None),
+                           run_dir=getattr(args, "run_dir", None) or True, fresh=bool(getattr(args, "fresh", False)),
+                           shard_cells=getattr(args, "shard_cells", None),checkpoint=args.checkpoint, task=task, out=args.out, extent=extent, extent_crs=crs,
                            cell_size=args.cell_size, pois=args.pois, poi_layer=args.poi_layer,
                            name_field=args.name_field, category_field=args.category_field,
                            imagery=args.imagery, device=args.device, batch_size=args.batch_size,
