@@ -66,7 +66,8 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     area.add_argument("--aoi", metavar="FILE",
                       help="polygon layer (GeoPackage, GeoJSON, Shapefile) instead of --extent: the cells whose "
                            "centre lies inside; several features = several AOIs, each cell tagged with aoi_id")
-    parser.add_argument("--aoi-layer", metavar="NAME", default=None, help="layer of the --aoi file (default: the first)")
+    parser.add_argument("--aoi-layer", metavar="NAME", default=None,
+                        help="layer of the --aoi file (default: the first)")
     parser.add_argument("--run-dir", metavar="DIR", default=None,
                         help="folder of the resumable run: manifest.json and one GeoParquet shard per block "
                              "(default: OUT.run beside --out, removed when the output is written; an explicit "
@@ -139,7 +140,8 @@ def request_from_args(args: argparse.Namespace, task: str):
     extent, crs = parse_extent(args.extent) if args.extent else (None, None)
     return AnalysisRequest(aoi=getattr(args, "aoi", None), aoi_layer=getattr(args, "aoi_layer", None),
                            run_dir=getattr(args, "run_dir", None) or True, fresh=bool(getattr(args, "fresh", False)),
-                           shard_cells=getattr(args, "shard_cells", None),checkpoint=args.checkpoint, task=task, out=args.out, extent=extent, extent_crs=crs,
+                           shard_cells=getattr(args, "shard_cells", None),
+                           checkpoint=args.checkpoint, task=task, out=args.out, extent=extent, extent_crs=crs,
                            cell_size=args.cell_size, pois=args.pois, poi_layer=args.poi_layer,
                            name_field=args.name_field, category_field=args.category_field,
                            imagery=args.imagery, device=args.device, batch_size=args.batch_size,
