@@ -193,3 +193,22 @@ def test_torchrun_two_ranks_take_shards_from_the_manifest(uv_checkpoint, city, t
     assert dist.returncode == 0, dist.stdout[-2000:] + dist.stderr[-4000:]
     assert dist.stderr.count("this process: about") == 2  # both ranks got shards (3 and 2 of the 5)
     _same(_cells(tmp_path / "dist.gpkg"), _cells(tmp_path / "single.gpkg"))
+
+
+def test_aoi_refusals_and_extent_exclusive(city, tmp_path):
+    import argparse
+
+    from refound_core.data.aoi import read_aoi
+    from refound_core.inference.commands import predict
+
+    with pytest.raises(InputError, match="no polygon features"):
+        read_aoi(city["gpkg"])  # the POI points are no area
+    with pytest.raises(InputError, match="does not exist"):
+        read_aoi(tmp_path / "nope.gpkg")
+    parser = argparse.ArgumentParser()
+    predict.add_arguments(parser)
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--checkpoint", "c", "--out", "o.gpkg", "--extent", "0,0,1,1", "--aoi", "a.gpkg"])
+    args = parser.parse_args(["--checkpoint", "c", "--out", "o.gpkg", "--aoi", "a.gpkg", "--run-dir", "rd"])
+    req = predict.request_from_args(args, "urban_village")
+    assert req.aoi == "a.gpkg" and req.extent is None and req.run_dir == "rd" and not req.fresh
