@@ -97,7 +97,7 @@ class AnalysisRequest:
     # whole regions (refound_core.inference.region): polygon AOI instead of extent, resumable run dir
     aoi: Optional[str] = None          # polygon layer file; cells whose centre is inside, tagged aoi_id
     aoi_layer: Optional[str] = None
-    run_dir: object = None             # None: one pass; a path (or True: OUT.run) = sharded, resumable
+    run_dir: object = None             # for region.run_region: a path, or True = OUT.run beside out
     fresh: bool = False                # discard the run dir's finished shards
     shard_cells: Optional[int] = None  # cells per shard (None: region_plan.SHARD_CELLS)
     single_process: bool = False       # ignore torchrun's environment (a run dir's shard: ranks from the manifest)
@@ -288,10 +288,6 @@ def run_analysis(request: AnalysisRequest, source=None, model=None, sink=None,
     from refound_core.inference.sources import source_for_request
 
     cancel = cancel or is_canceled
-    if request.run_dir and source is None and sink is None and request.samples is None:
-        from refound_core.inference.region import run_region  # sharded, resumable (whole regions)
-
-        return run_region(request, progress, cancel)
     _validate(request, source, sink, model)
     lock = None
     if sink is None and _dist_env()[0] == 0:  # file output: checked and locked before any work

@@ -6,8 +6,9 @@
         ─▶ for each pending shard of this rank: run_analysis(ShardSource, shard sink)  [atomic file]
         ─▶ (barrier) ─▶ rank 0 assembles the final GeoPackage / GeoParquet (atomic) ─▶ summary
 
-Every shard goes through :func:`refound_core.inference.pipeline.run_analysis` (the one analysis
-path) with a source bounded to the shard. Rules:
+The CLI calls :func:`run_region` for every file output; every shard goes through
+:func:`refound_core.inference.pipeline.run_analysis` (the one analysis path) with a source
+bounded to the shard. Rules:
 
 * Resume: rerunning the same command computes only the shards without a file (after a kill -9
   too); a finished run's final file is refused without ``--overwrite`` like any output; with

@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 
 from refound_core.errors import InputError
-from refound_core.inference.pipeline import AnalysisRequest, run_analysis
+from refound_core.inference.pipeline import AnalysisRequest
+from refound_core.inference.region import run_region as run_analysis
 from tests.inference._inference_fixtures import CELL, CRS, EXTENT, build_tiny_checkpoint
 
 REPO = Path(__file__).resolve().parents[2]

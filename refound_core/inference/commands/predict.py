@@ -173,14 +173,14 @@ def execute(args: argparse.Namespace, task) -> int:
     """Shared by predict and embed: run the analysis, print notices and the summary."""
     import logging
 
-    from refound_core.inference.pipeline import run_analysis
+    from refound_core.inference.region import run_region
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     if task is None:  # --task omitted: the checkpoint's own task (read from its config.json only)
         task = _checkpoint_task(args.checkpoint)
     request = request_from_args(args, task)
     progress = _Progress(args.quiet)
     try:
-        result = run_analysis(request, progress=progress)
+        result = run_region(request, progress=progress)  # sharded, resumable; each shard via run_analysis
     finally:
         progress.finish()
     print(result.summary())  # notices were logged (stderr) when they happened
