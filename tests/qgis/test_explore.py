@@ -287,3 +287,72 @@ def test_explore_algorithms_run_under_qgis_process(explore_city, tmp_path):
         assert report["results"]["CELLS"] >= 100
         with sqlite3.connect(out) as db:
             assert db.execute("SELECT count(*) FROM layer_styles").fetchone()[0] == 1
+
+
+def _expected_top_categories(emb_path, pois_path, labels_by_cell):
+    """Per cluster, POI categories counted by a polygon join of the POIs with the cell polygons
+    (geopandas), independently of the grid arithmetic the code uses."""
+    from collections import Counter
+
+    import geopandas as gpd
+
+    cells = gpd.read_parquet(emb_path)[["cell_id", "geometry"]]
+    pois = gpd.read_file(pois_path, layer="pois").to_crs(cells.crs)
+    joined = gpd.sjoin(pois, cells, predicate="within")
+    counts: dict = {}
+    for cid, cat in zip(joined["cell_id"], joined["category"]):
+        counts.setdefault(labels_by_cell[cid], Counter())[cat] += 1
+    return counts
+
+
+def test_cli_cluster_names_top_poi_categories(explore_city, tmp_path, capsys):
+    import json as _json
+
+    import geopandas as gpd
+
+    from training.cli import main
+
+    out = tmp_path / "clusters.parquet"
+    pois = explore_city["city"] / "pois.gpkg"
+    assert main(["explore", "cluster", "--embeddings", str(explore_city["emb"]), "--k", "4", "--pois", str(pois),
+                 "--out", str(out)]) == 0
+    report = _json.loads(capsys.readouterr().out)
+    labels = dict(zip(gpd.read_parquet(out)["cell_id"], gpd.read_parquet(out)["cluster"]))
+    expected = _expected_top_categories(explore_city["emb"], pois, labels)
+    assert len(report["summary"]) == 4
+    assert any(row["top_poi_categories"] for row in report["summary"])
+    for row in report["summary"]:
+        counter = expected.get(row["cluster"], {})
+        got = [part.rsplit(" (", 1) for part in row["top_poi_categories"].split(", ") if part]
+        got = [(cat, int(n.rstrip(")"))) for cat, n in got]
+        # each named category's count is exact, and they are the cluster's 3 largest counts
+        # (ties may be named in any order)
+        assert all(counter[cat] == n for cat, n in got), (row, counter)
+        assert [n for _, n in got] == sorted(counter.values(), reverse=True)[:3], (row, counter)
+    assert main(["explore", "cluster", "--embeddings", str(explore_city["emb"]), "--pois", str(pois),
+                 "--category-field", "nope", "--out", str(tmp_path / "x.parquet")]) == 2
+    assert "'nope'" in capsys.readouterr().err and not (tmp_path / "x.parquet").exists()
+
+
+def test_cluster_regions_reports_top_poi_categories(provider, project, explore_city, tmp_path):
+    import processing
+    from qgis.core import QgsProcessingFeedback, QgsVectorLayer
+
+    pois = QgsVectorLayer(f"{explore_city['city'] / 'pois.gpkg'}|layername=pois", "pois", "ogr")
+    assert pois.isValid()
+    msgs = []
+
+    class Feedback(QgsProcessingFeedback):
+        def pushInfo(self, info):  # noqa: N802 - QGIS's name
+            msgs.append(info)
+
+    out = tmp_path / "clusters.gpkg"
+    processing.run("refound:cluster_regions", {"INPUT": str(explore_city["emb"]), "K": 3, "POIS": pois,
+                                               "CATEGORY_FIELD": "category", "OUTPUT": str(out)},
+                   feedback=Feedback())
+    lines = [m for m in msgs if m.startswith("cluster ")]
+    assert len(lines) == 3, msgs
+    categories = {f["category"] for f in pois.getFeatures()}
+    named = [part.rsplit(" (", 1)[0] for m in lines if "; " in m for part in m.split("; ", 1)[1].split(", ")]
+    assert sum("; " in m for m in lines) >= 2, msgs  # a cluster of POI-less cells names none
+    assert named and set(named) <= categories
