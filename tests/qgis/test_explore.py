@@ -247,6 +247,54 @@ def test_dock_explore_tab_click_a_cell(iface, qtbot, project, explore_city, tmp_
     assert canvas.mapTool() is None
 
 
+def test_dock_explore_cancel_is_reported_and_adds_nothing(iface, qtbot, project, explore_city, tmp_path,
+                                                          monkeypatch):
+    """Whole-layer clustering runs in a QgsTask; Cancel while it runs: 'Canceled', no layer added,
+    and the panel runs again afterwards."""
+    import threading
+
+    import geopandas as gpd
+    from qgis.core import QgsVectorLayer
+
+    from refound_core.explore import cluster as core_cluster
+    from refound_core.explore.io import read_embeddings
+    from refound_qgis.dock import RefoundDock
+
+    t = read_embeddings(explore_city["emb"])
+    g = gpd.GeoDataFrame({"cell_id": list(t.cell_ids)} | {f"emb_{j:03d}": t.vectors[:, j] for j in range(t.dim)},
+                         geometry=gpd.GeoSeries.from_wkb(list(t.geometry)), crs=t.crs)
+    g.to_file(tmp_path / "emb.gpkg", driver="GPKG", engine="pyogrio")
+    layer = QgsVectorLayer(str(tmp_path / "emb.gpkg"), "embeddings", "ogr")
+    project.addMapLayer(layer)
+    started, release, real = threading.Event(), threading.Event(), core_cluster.cluster
+
+    def slow_cluster(table, *a, **kw):
+        started.set()
+        release.wait(20)
+        return real(table, *a, **kw)
+
+    monkeypatch.setattr(core_cluster, "cluster", slow_cluster)
+    dock = RefoundDock(iface)
+    qtbot.addWidget(dock)
+    panel = dock.explore_panel
+    panel.layer_combo.setLayer(layer)
+    panel.action_combo.setCurrentIndex(panel.action_combo.findData("cluster"))
+    before = set(project.mapLayers())
+    panel.run_button.click()
+    assert started.wait(20) and panel.cancel_button.isEnabled() and not panel.run_button.isEnabled()
+    with qtbot.waitSignal(panel.result_ready, timeout=20_000) as blocker:
+        panel.cancel_button.click()
+        release.set()
+    out, message = blocker.args
+    assert out is None and message.startswith("Canceled"), message
+    assert set(project.mapLayers()) == before
+    monkeypatch.setattr(core_cluster, "cluster", real)
+    with qtbot.waitSignal(panel.result_ready, timeout=20_000) as blocker:
+        panel.run_button.click()
+    assert blocker.args[0] is not None and blocker.args[0] in project.mapLayers().values(), blocker.args[1]
+    dock.shutdown()
+
+
 @pytest.mark.slow
 def test_explore_algorithms_run_under_qgis_process(explore_city, tmp_path):
     """All four ids through /usr/bin/qgis_process.bin (a fresh QGIS, the staged plugin)."""
