@@ -176,6 +176,7 @@ def install(opts: InstallOptions, report: Callable[[float, str], None] = lambda 
     opts.venv_dir = venv
     log_path = opts.log_path or os.path.join(os.path.dirname(venv), "backend-setup.log")
     os.makedirs(os.path.dirname(log_path), exist_ok=True)
+    os.makedirs(os.path.dirname(venv), exist_ok=True)  # the steps run there (never in QGIS's cwd)
     info: dict = {}
     with open(log_path, "a", encoding="utf-8") as log:
         log.write(f"\n===== ReFound backend set-up {time.strftime('%Y-%m-%d %H:%M:%S')} -> {venv}\n")

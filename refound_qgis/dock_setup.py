@@ -115,7 +115,7 @@ class BackendSetupDialog(QDialog):
         return bi.InstallOptions(venv_dir=self.venv_widget.filePath().strip() or default_venv_dir(),
                                  wheelhouse=self.wheelhouse_widget.filePath().strip(),
                                  reuse_python=self.reuse_widget.filePath().strip(),
-                                 gpu=self.build_combo.currentData(), log_path=default_log_path())
+                                 gpu=self.build_combo.currentData())  # log: next to the venv
 
     def start(self, *_):
         if self.task is not None:
@@ -138,7 +138,9 @@ class BackendSetupDialog(QDialog):
             self.task.cancel()
 
     def open_log(self, *_):
-        path = (self.result or {}).get("log") or default_log_path()
+        venv = self.venv_widget.filePath().strip()
+        path = (self.result or {}).get("log") or (os.path.join(os.path.dirname(venv), "backend-setup.log")
+                                                  if venv else default_log_path())
         if os.path.isfile(path):
             QDesktopServices.openUrl(QUrl.fromLocalFile(path))
 
