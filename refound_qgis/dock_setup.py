@@ -102,7 +102,7 @@ class BackendSetupDialog(QDialog):
 
         gpu = bi.detect_gpu()
         tag, _, note = bi.torch_build(gpu, "auto")
-        self.gpu_label.setText(f"{gpu.get('detail', '')} → {note}")
+        self.gpu_label.setText(note)
         state, why = venv_health(self.venv_widget.filePath().strip())
         self.start_button.setText(tr("Repair") if state in ("broken", "incomplete") else tr("Set up"))
         if state != "missing":
@@ -155,7 +155,7 @@ class BackendSetupDialog(QDialog):
         self.status_label.setText(result.get("message", ""))
         if result.get("ok"):
             self.progress_bar.setValue(100)
-            self.report_text.setPlainText(json.dumps(result.get("doctor"), indent=2))
+            self.report_text.setPlainText(doctor_text(result))
             if self.dock is not None:
                 apply_to_dock(self.dock, self.options().venv_dir)
         else:
@@ -164,7 +164,19 @@ class BackendSetupDialog(QDialog):
         self.setup_finished.emit(result)
 
     def _show_state_after(self, result):
-        self.start_button.setText(tr("Set up again") if result.get("ok") else tr("Repair"))
+        self.start_button.setText(tr("Run again") if result.get("ok") else tr("Repair"))
+
+
+def doctor_text(result: dict) -> str:
+    """``refound doctor``'s report in the venv, readable: python, packages, device, then the JSON."""
+    doc = result.get("doctor") or {}
+    lines = [tr("refound doctor in {py}:").format(py=result.get("python", "")), f"refound {doc.get('refound')}",
+             f"python {doc.get('python')}"]
+    lines += [f"{k:<13}{v}" for k, v in (doc.get("packages") or {}).items()]
+    lines += [tr("device: {s}").format(s=(doc.get("device") or {}).get("summary", "")),
+              tr("PyTorch build chosen: {t} ({n})").format(t=result.get("torch_build"), n=result.get("note")),
+              "", json.dumps(doc, indent=2)]
+    return "\n".join(lines)
 
 
 def apply_to_dock(dock, venv_dir: str) -> None:
