@@ -126,3 +126,18 @@ def test_not_enough_disk_is_refused_before_anything_runs(tmp_path, monkeypatch):
                       gpu={"cuda": None})
     assert not res["ok"] and res["kind"] == "disk" and "0.2 GiB free" in res["message"]
     assert not (tmp_path / "venv").exists() and os.path.isfile(res["log"])
+
+
+def test_unreachable_index_is_reported_as_a_network_failure(tmp_path, monkeypatch):
+    """A real pip run against an index nobody listens on (no config files, one retry)."""
+    monkeypatch.setattr(bi, "TORCH_INDEX", "http://127.0.0.1:9/whl/")
+    monkeypatch.delenv("PIP_FIND_LINKS", raising=False)  # this machine's local wheel folder
+    # one retry: pip names the connection error only when it retries
+    env = {"PIP_CONFIG_FILE": os.devnull, "PIP_RETRIES": "1", "PIP_TIMEOUT": "5"}
+    steps = []
+    res = run.install(bi.InstallOptions(venv_dir=str(tmp_path / "venv"), gpu="auto", extra_env=env),
+                      report=lambda f, t: steps.append(t), gpu={"cuda": None, "detail": "test"})
+    assert not res["ok"] and res["step"] == "torch", res
+    assert res["kind"] == "network" and "offline option" in res["message"] and res["log"] in res["message"]
+    assert run.venv_health(str(tmp_path / "venv"))[0] == "incomplete"  # the venv step had worked
+    assert steps[0] == "Creating the Python environment"

@@ -92,7 +92,10 @@ def test_setup_from_wheelhouse_then_the_dock_analyses_through_it(qtbot, dock, qg
     assert default_venv_dir() == os.path.join(QgsApplication.qgisSettingsDirPath(), "refound", "backend-venv")
     venv = default_venv_dir()
     shutil.rmtree(venv, ignore_errors=True)
-    assert dock.setup_button.isVisible() or dock.backend_combo.currentData() in ("auto", "local")
+    assert not dock.setup_button.isHidden()  # the dock's "Set up model backend…" (backend: automatic)
+    dock.backend_combo.setCurrentIndex(dock.backend_combo.findData("remote"))
+    assert dock.setup_button.isHidden()
+    dock.backend_combo.setCurrentIndex(dock.backend_combo.findData("auto"))
     dlg = _dialog(qtbot, dock, venv, wheelhouse)
     res = _setup(qtbot, dlg)
     assert res["ok"], res["message"]
