@@ -257,8 +257,8 @@ def plan(opts: InstallOptions, gpu: Optional[dict] = None) -> tuple:
         Step("refound", translate("Installing the refound package"),
              pip_argv(py, opts, "--no-deps", "--force-reinstall", refound), 0.08, 1),
         Step("check", translate("Checking the environment"),
-             [py, "-c", "import refound_core, training.cli, torch; print('refound', refound_core.__version__, "
-                        "'torch', torch.__version__)"], 0.02),
+             [py, "-c", ("import refound_core, training.cli, torch; print('refound', refound_core.__version__, "
+                         "'torch', torch.__version__)")], 0.02),
         Step("doctor", translate("Running refound doctor"), [py, "-m", "training.cli", "doctor", "--json"], 0.1),
     ]
     info = {"torch_build": tag, "torch_index": index, "gpu": gpu, "note": note, "base_python": base,

@@ -29,11 +29,11 @@ FAILURES = (
     ("network", ("NewConnectionError", "Failed to establish a new connection", "Temporary failure in name resolution",
                  "Name or service not known", "ConnectTimeoutError", "Read timed out", "ProxyError", "SSLError",
                  "Could not fetch URL", "Network is unreachable", "Connection refused", "getaddrinfo failed"),
-     "The package index could not be reached (network, proxy or firewall). Check the connection (a proxy goes into "
-     "pip's configuration), or use the offline option with a wheelhouse folder, then run the set-up again."),
+     ("The package index could not be reached (network, proxy or firewall). Check the connection (a proxy goes into "
+      "pip's configuration), or use the offline option with a wheelhouse folder, then run the set-up again.")),
     ("not-found", ("No matching distribution found", "Could not find a version that satisfies"),
-     "pip found no matching package ({what}). With a wheelhouse, add the missing wheels to it (`pip download` on a "
-     "machine with network, same Python version and platform); else check the Python version ({py})."),
+     ("pip found no matching package ({what}). With a wheelhouse, add the missing wheels to it (`pip download` on "
+      "a machine with network, same Python version and platform); else check the Python version ({py}).")),
     ("hash", ("THESE PACKAGES DO NOT MATCH THE HASHES",), "A downloaded file was corrupted: run the set-up again."),
 )
 

@@ -101,7 +101,7 @@ class BackendSetupDialog(QDialog):
         from .backend_install_run import venv_health
 
         gpu = bi.detect_gpu()
-        tag, _, note = bi.torch_build(gpu, "auto")
+        _, _, note = bi.torch_build(gpu, "auto")
         self.gpu_label.setText(note)
         state, why = venv_health(self.venv_widget.filePath().strip())
         self.start_button.setText(tr("Repair") if state in ("broken", "incomplete") else tr("Set up"))

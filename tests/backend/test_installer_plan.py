@@ -92,12 +92,11 @@ def test_pip_output_becomes_progress():
 
 
 def test_cancel_kills_the_running_process(tmp_path):
-    log = open(tmp_path / "log", "w", encoding="utf-8")
     t0 = time.monotonic()
     start = t0 + 0.5
-    rc, out = run.run_command([sys.executable, "-c", "import time; print('started', flush=True); time.sleep(60)"],
-                              log, lambda line: None, lambda: time.monotonic() > start)
-    log.close()
+    with open(tmp_path / "log", "w", encoding="utf-8") as log:
+        rc, out = run.run_command([sys.executable, "-c", "import time; print('started', flush=True); time.sleep(60)"],
+                                  log, lambda line: None, lambda: time.monotonic() > start)
     assert rc is None and time.monotonic() - t0 < 10
     assert "started" in out and "[canceled" in (tmp_path / "log").read_text()
 

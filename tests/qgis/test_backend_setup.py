@@ -13,6 +13,7 @@ import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from qgis_testlib import EPSG, REPO, SCENE_CELLS, scene_extent, show_canvas
@@ -101,7 +102,7 @@ def test_setup_from_wheelhouse_then_the_dock_analyses_through_it(qtbot, dock, qg
     assert res["ok"], res["message"]
     assert "The model backend is ready" in dlg.status_label.text() and dlg.progress_bar.value() == 100
     assert res["doctor"]["refound"] == _version() and "torch" in dlg.report_text.toPlainText()
-    log = open(res["log"], encoding="utf-8").read()
+    log = Path(res["log"]).read_text(encoding="utf-8")
     assert "--no-index" in log and "Successfully installed refound" in log
     py = res["python"]
     got = _clean_python(py, "import refound_core; print(refound_core.__file__)")
@@ -148,5 +149,6 @@ def test_failed_install_says_why_and_a_rerun_repairs(qtbot, dock, tmp_path, whee
     res = _setup(qtbot, dlg)
     assert res["ok"] and res["repaired"], res["message"]
     assert venv_health(str(venv)) == ("ok", "")
-    assert "recreating" in open(res["log"], encoding="utf-8").read() or "broken" in open(res["log"]).read()
+    log = Path(res["log"]).read_text(encoding="utf-8")
+    assert "venv state: broken" in log and "is missing" in log  # what the repair saw
     assert settings.value("backend_python") == str(venv)
