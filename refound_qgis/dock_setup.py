@@ -94,6 +94,7 @@ class BackendSetupDialog(QDialog):
         self.cancel_button.clicked.connect(self.cancel)
         self.log_button.clicked.connect(self.open_log)
         self.buttons.rejected.connect(self.reject)
+        self.venv_widget.fileChanged.connect(lambda *_: self._show_state())  # Set up / Repair for that folder
         layout.addWidget(self.buttons)
         self._show_state()
 
