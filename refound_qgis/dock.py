@@ -141,9 +141,8 @@ class RefoundDock(AnalysisRunMixin, QgsDockWidget):
         self.cancel_button = QPushButton(tr("Cancel"), body)
         self.cancel_button.setEnabled(False)
         self.diagnostics_button = QPushButton(tr("Diagnostics…"), body)
-        buttons.addWidget(self.run_button)
-        buttons.addWidget(self.cancel_button)
-        buttons.addWidget(self.diagnostics_button)
+        for b in (self.run_button, self.cancel_button, self.diagnostics_button):
+            buttons.addWidget(b)
         outer.addLayout(buttons)
         self.progress_bar = QProgressBar(body)
         self.progress_bar.setRange(0, 100)
@@ -160,7 +159,8 @@ class RefoundDock(AnalysisRunMixin, QgsDockWidget):
             combo.setMinimumContentsLength(12)
             combo.setMinimumWidth(80)
         from .dock_explore import add_tabs  # Analyze + the Explore tab (similar cells, colours, clusters)
-
+        from .dock_setup import add_setup_button  # "Set up model backend…": a venv made for the user
+        self.setup_button = add_setup_button(self, mform)
         self.tabs, self.explore_panel = add_tabs(self, body)
 
     def _restore(self):
