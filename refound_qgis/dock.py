@@ -158,10 +158,10 @@ class RefoundDock(AnalysisRunMixin, QgsDockWidget):
             combo.setSizeAdjustPolicy(QComboBox.SizeAdjustPolicy.AdjustToMinimumContentsLengthWithIcon)
             combo.setMinimumContentsLength(12)
             combo.setMinimumWidth(80)
-        from .dock_explore import add_tabs  # Analyze + the Explore tab (similar cells, colours, clusters)
-        from .dock_setup import add_setup_button  # "Set up model backend…": a venv made for the user
-        self.setup_button = add_setup_button(self, mform)
-        self.tabs, self.explore_panel = add_tabs(self, body)
+        from . import dock_explore, dock_guard, dock_setup  # Explore tab; cell limits; "Set up model backend…"
+        self.setup_button = dock_setup.add_setup_button(self, mform)
+        self.max_cells_spin, self.confirm_cells_spin = dock_guard.add_limits(self, mform)  # + preselects layers
+        self.tabs, self.explore_panel = dock_explore.add_tabs(self, body)
 
     def _restore(self):
         self._set_combo_data(self.task_combo, settings.value("task"))
