@@ -127,6 +127,8 @@ class LocalBackend:
             self.proc = subprocess.Popen(self.command(token_file), stdout=subprocess.PIPE, stderr=log, env=env,
                                          text=True, cwd=self.folder)
         except OSError as exc:
+            log.close()  # else a ResourceWarning "unclosed file" lands in QGIS's log
+            self._log = None
             raise InputError(tr("The backend could not be started with {py}: {err}").format(py=self.python, err=exc)) from None
         ready: dict = {}
 
