@@ -35,9 +35,10 @@ demo-full: setup
 	@mkdir -p $(XDG_RUNTIME_DIR) && chmod 700 $(XDG_RUNTIME_DIR)
 	$(PY) scripts/demo.py --full --out demo_full_out
 
-# real QGIS window under Xvfb -> docs/img/*.png (after `make demo`)
+# real QGIS window under Xvfb -> docs/img/*.png (after `make demo`); the backend set-up dialog, offscreen
 screenshots: setup
 	$(PY) scripts/screenshot_qgis.py --analyze
+	$(PY) scripts/screenshot_setup.py
 
 # fails on purpose while project.ini has placeholder URLs; plugin-zip-local builds one to install yourself
 plugin-zip: setup

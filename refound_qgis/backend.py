@@ -50,7 +50,8 @@ def torch_in_qgis() -> tuple:
             # The plugin zip ships a cut-down refound_core without the model code; when it is the
             # copy on sys.path, importing the predictor would fail mid-run (ModuleNotFoundError):
             # then in-process inference is "not usable here" and auto picks the local backend.
-            if importlib.util.find_spec("refound_core.inference.predictor") is None:
+            if any(importlib.util.find_spec(m) is None for m in ("refound_core.inference.predictor",
+                                                                   "refound_core.inference.pipeline")):
                 raise ImportError("this refound_core (the plugin's bundled copy) has no model code; use the "
                                   "local backend with an environment where refound is installed")
             _TORCH_STATE.update(ok=True, detail=str(getattr(torch, "__version__", "?")))
@@ -126,6 +127,8 @@ class LocalBackend:
             self.proc = subprocess.Popen(self.command(token_file), stdout=subprocess.PIPE, stderr=log, env=env,
                                          text=True, cwd=self.folder)
         except OSError as exc:
+            log.close()  # else a ResourceWarning "unclosed file" lands in QGIS's log
+            self._log = None
             raise InputError(tr("The backend could not be started with {py}: {err}").format(py=self.python, err=exc)) from None
         ready: dict = {}
 

@@ -159,7 +159,8 @@ def collect(backend_settings: Optional[dict] = None, probe_local: bool = True) -
 
 
 def report_text(rep: dict) -> str:
-    return json.dumps(rep, indent=2, default=str)
+    # ensure_ascii=False: paths and names such as "Łódź" stay readable, not "\u0141\u00f3d\u017a"
+    return json.dumps(rep, indent=2, default=str, ensure_ascii=False)
 
 
 class DiagnosticsDialog(QDialog):

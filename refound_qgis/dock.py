@@ -141,9 +141,8 @@ class RefoundDock(AnalysisRunMixin, QgsDockWidget):
         self.cancel_button = QPushButton(tr("Cancel"), body)
         self.cancel_button.setEnabled(False)
         self.diagnostics_button = QPushButton(tr("Diagnostics…"), body)
-        buttons.addWidget(self.run_button)
-        buttons.addWidget(self.cancel_button)
-        buttons.addWidget(self.diagnostics_button)
+        for b in (self.run_button, self.cancel_button, self.diagnostics_button):
+            buttons.addWidget(b)
         outer.addLayout(buttons)
         self.progress_bar = QProgressBar(body)
         self.progress_bar.setRange(0, 100)
@@ -159,9 +158,10 @@ class RefoundDock(AnalysisRunMixin, QgsDockWidget):
             combo.setSizeAdjustPolicy(QComboBox.SizeAdjustPolicy.AdjustToMinimumContentsLengthWithIcon)
             combo.setMinimumContentsLength(12)
             combo.setMinimumWidth(80)
-        from .dock_explore import add_tabs  # Analyze + the Explore tab (similar cells, colours, clusters)
-
-        self.tabs, self.explore_panel = add_tabs(self, body)
+        from . import dock_explore, dock_guard, dock_setup  # Explore tab; cell limits; "Set up model backend…"
+        self.setup_button = dock_setup.add_setup_button(self, mform)
+        self.max_cells_spin, self.confirm_cells_spin = dock_guard.add_limits(self, mform)  # + preselects layers
+        self.tabs, self.explore_panel = dock_explore.add_tabs(self, body)
 
     def _restore(self):
         self._set_combo_data(self.task_combo, settings.value("task"))

@@ -3,18 +3,21 @@ the cells most like it light up as a new similarity layer; or colour / cluster t
 
 Everything is computed by ``refound_core.explore`` (as ``refound explore`` and the Processing
 algorithms do); this file only turns a QGIS layer into an ``EmbeddingTable`` and the result back
-into a styled memory layer. These computations take well under a second for a city's cells, so
-they run on the GUI thread; the progress bar shows the steps.
+into a styled memory layer. The layer is read on the GUI thread (QGIS layers are not thread-safe);
+the computation runs in a QgsTask (the task manager shows it; *Cancel* stops waiting for it and
+drops its result, reported as canceled), and the result layer is built back on the GUI thread.
 """
 from __future__ import annotations
 
 import numpy as np
 from qgis.core import (
+    QgsApplication,
     QgsCoordinateTransform,
     QgsGeometry,
     QgsMapLayerProxyModel,
     QgsPointXY,
     QgsProject,
+    QgsTask,
 )
 from qgis.gui import QgsMapLayerComboBox, QgsMapToolEmitPoint
 from qgis.PyQt.QtCore import pyqtSignal
@@ -34,6 +37,22 @@ from refound_core.errors import InputError
 
 from .explore_layers import result_layer, table_from_layer
 from .settings import tr
+
+
+class ExploreTask(QgsTask):
+    """Runs ``compute()`` off the GUI thread; ``result`` / ``error`` hold what it gave."""
+
+    def __init__(self, title, compute):
+        super().__init__(title, QgsTask.CanCancel)
+        self.compute, self.result, self.error = compute, None, None
+
+    def run(self):
+        try:
+            self.result = self.compute()
+        except InputError as exc:
+            self.error = str(exc)
+            return False
+        return not self.isCanceled()
 
 
 class ExplorePanel(QWidget):
@@ -65,8 +84,11 @@ class ExplorePanel(QWidget):
         self.pick_button = QPushButton(tr("Click a cell: find similar"), self)
         self.pick_button.setCheckable(True)
         self.run_button = QPushButton(tr("Run"), self)
+        self.cancel_button = QPushButton(tr("Cancel"), self)
+        self.cancel_button.setEnabled(False)
         buttons.addWidget(self.pick_button)
         buttons.addWidget(self.run_button)
+        buttons.addWidget(self.cancel_button)
         outer.addLayout(buttons)
         self.progress_bar = QProgressBar(self)
         self.progress_bar.setRange(0, 100)
@@ -76,6 +98,8 @@ class ExplorePanel(QWidget):
         outer.addWidget(self.status_label)
         outer.addStretch(1)
         self.map_tool = None
+        self.task = None
+        self.cancel_button.clicked.connect(self.cancel)
         self.pick_button.toggled.connect(self._toggle_tool)
         self.run_button.clicked.connect(self.run_whole_layer)
 
@@ -113,28 +137,56 @@ class ExplorePanel(QWidget):
     def _run(self, layer, action, query=()):
         from refound_core.explore import cluster, colours, similar
 
+        if self.task is not None:
+            return self._done(None, tr("An Explore computation is still running; wait or cancel it."))
         self.progress_bar.setValue(5)
         try:
             table = table_from_layer(layer)
-            self.progress_bar.setValue(40)
-            if action == "similar":
-                res = similar.find_similar(table, query, None, self.top_k_spin.value())
-                top = np.zeros(len(table.cell_ids), dtype=bool)
-                top[res["top"]] = True
-                cols = {"similarity": res["similarity"], "rank": res["rank"], "top_k": top}
-                title = tr("Similar to {c}").format(c=query[0])
-            elif action == "cluster":
-                res = cluster.cluster(table)
-                cols, title = {"cluster": res["cluster"]}, tr("Clusters (k={k})").format(k=res["k"])
-            else:
-                res = colours.embedding_colours(table)
-                c = res["components"]
-                cols = {"colour": np.asarray(res["colour"], dtype=object), "pc1": c[:, 0], "pc2": c[:, 1],
-                        "pc3": c[:, 2]}
-                title = tr("Embedding colours")
         except InputError as exc:
             self.progress_bar.setValue(0)
             return self._done(None, str(exc))
+        self.progress_bar.setValue(30)
+        top_k = self.top_k_spin.value()
+
+        def compute():
+            if action == "similar":
+                res = similar.find_similar(table, query, None, top_k)
+                top = np.zeros(len(table.cell_ids), dtype=bool)
+                top[res["top"]] = True
+                return {"similarity": res["similarity"], "rank": res["rank"], "top_k": top}, \
+                    tr("Similar to {c}").format(c=query[0])
+            if action == "cluster":
+                res = cluster.cluster(table)
+                return {"cluster": res["cluster"]}, tr("Clusters (k={k})").format(k=res["k"])
+            res = colours.embedding_colours(table)
+            c = res["components"]
+            return {"colour": np.asarray(res["colour"], dtype=object), "pc1": c[:, 0], "pc2": c[:, 1],
+                    "pc3": c[:, 2]}, tr("Embedding colours")
+
+        task = ExploreTask(tr("ReFound Explore: {a}").format(a=action), compute)
+        task.taskCompleted.connect(lambda: self._finished(task, table, layer, action))
+        task.taskTerminated.connect(lambda: self._finished(task, table, layer, action))
+        self.task = task
+        self.cancel_button.setEnabled(True)
+        self.run_button.setEnabled(False)
+        QgsApplication.taskManager().addTask(task)
+        return None
+
+    def cancel(self):
+        if self.task is not None:
+            self.task.cancel()
+
+    def _finished(self, task, table, layer, action):
+        self.task = None
+        self.cancel_button.setEnabled(False)
+        self.run_button.setEnabled(True)
+        if task.isCanceled():
+            self.progress_bar.setValue(0)
+            return self._done(None, tr("Canceled: nothing was added."))
+        if task.error or task.result is None:
+            self.progress_bar.setValue(0)
+            return self._done(None, task.error or tr("The Explore computation failed; see the QGIS log."))
+        cols, title = task.result
         self.progress_bar.setValue(80)
         out = result_layer(table, cols, f"{title} ({layer.name()})", action)
         QgsProject.instance().addMapLayer(out)
@@ -148,6 +200,7 @@ class ExplorePanel(QWidget):
         return layer
 
     def shutdown(self):
+        self.cancel()
         if self.pick_button.isChecked():
             self.pick_button.setChecked(False)
 

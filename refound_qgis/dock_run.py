@@ -74,6 +74,12 @@ class AnalysisRunMixin:
         except InputError as exc:
             self._done(None, str(exc), level="warning")
             return None
+        from .dock_guard import confirm_cost
+
+        if not confirm_cost(self, params):
+            self.progress_bar.setValue(0)
+            self._done(None, tr("Not started: zoom in or use larger cells for a smaller analysis."))
+            return None
         from .task import AnalysisTask
 
         task = AnalysisTask(params)
@@ -100,8 +106,7 @@ class AnalysisRunMixin:
         self.current_task = None
         self.run_button.setEnabled(True)
         self.cancel_button.setEnabled(False)
-        if layer is not None:
-            self.progress_bar.setValue(100)
+        self.progress_bar.setValue(100 if layer is not None else 0)  # no stale bar after a cancel or failure
         self._done(layer, message, level)
 
     def _done(self, layer, message, level="info"):

@@ -7,17 +7,15 @@ output dimension must be 2 or 3", then a crash).
 """
 from __future__ import annotations
 
-import os
-import tempfile
-
 import numpy as np
-from qgis.core import QgsFeature, QgsField, QgsGeometry, QgsProject, QgsVectorFileWriter, QgsVectorLayer
+from qgis.core import QgsFeature, QgsField, QgsGeometry, QgsVectorLayer
 from qgis.PyQt.QtCore import QVariant
 
 from refound_core.errors import InputError
 
 from . import explore_styles
 from .features import DOUBLE, INT, STRING
+from .results import write_styled_gpkg
 from .settings import tr
 
 
@@ -116,28 +114,27 @@ def write_gpkg(table, columns: dict, path: str, title: str, kind: str, cell_ids=
     """The result as a GeoPackage, written atomically with its style stored as the default."""
     if not path.lower().endswith(".gpkg"):
         raise InputError(tr("output {p} must be a .gpkg file").format(p=path))
-    folder = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(folder):
-        raise InputError(tr("The output folder {f} does not exist; choose an existing folder.").format(f=folder))
     layer = result_layer(table, columns, title, kind, cell_ids, geometry)
-    fd, tmp = tempfile.mkstemp(prefix=".refound-", suffix=".gpkg", dir=folder)
-    os.close(fd)
-    os.remove(tmp)
-    opts = QgsVectorFileWriter.SaveVectorOptions()
-    opts.driverName, opts.layerName, opts.fileEncoding = "GPKG", "explore", "UTF-8"
-    try:
-        err, msg, _, _ = QgsVectorFileWriter.writeAsVectorFormatV3(layer, tmp, QgsProject.instance().transformContext(),
-                                                                   opts)
-        if err != QgsVectorFileWriter.WriterError.NoError:
-            raise InputError(tr("Writing {p} failed: {m}").format(p=path, m=msg))
-        # style saved through a layer on the temp file, closed before the rename (results.write_geopackage)
-        written = QgsVectorLayer(f"{tmp}|layername=explore", title, "ogr")
-        explore_styles.style_layer(written, kind)
-        written.saveStyleToDatabase(title, "ReFound explore style", True, "")
-        del written
-        os.replace(tmp, path)
-    finally:
-        for leftover in (tmp, tmp + "-wal", tmp + "-shm", tmp + "-journal"):
-            if os.path.exists(leftover):
-                os.remove(leftover)
-    return path
+    return write_styled_gpkg(layer, path, "explore", lambda written: explore_styles.style_layer(written, kind),
+                             title, "ReFound explore style")
+
+
+def poi_points(source, crs: str, category_field: str, transform_context) -> tuple:
+    """``(xy in crs, categories)`` of a POI layer or feature source, for the cluster summary's top
+    categories (refound_core.explore.poi_categories)."""
+    from qgis.core import QgsCoordinateReferenceSystem, QgsCoordinateTransform
+
+    idx = source.fields().indexOf(category_field)
+    if idx < 0:
+        raise InputError(tr("The POI layer has no field '{f}'; its fields are {names}.").format(
+            f=category_field, names=", ".join(source.fields().names())))
+    xf = QgsCoordinateTransform(source.sourceCrs(), QgsCoordinateReferenceSystem(crs), transform_context)
+    xy, cats = [], []
+    for f in source.getFeatures():
+        g = f.geometry()
+        if g is None or g.isEmpty():
+            continue
+        p = xf.transform(g.pointOnSurface().asPoint())
+        xy.append((p.x(), p.y()))
+        cats.append(f.attribute(idx))
+    return np.asarray(xy, dtype=np.float64).reshape(-1, 2), cats

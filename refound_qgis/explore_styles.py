@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from qgis.core import (
     QgsCategorizedSymbolRenderer,
+    QgsClassificationJenks,
     QgsClassificationQuantile,
     QgsFillSymbol,
     QgsGraduatedSymbolRenderer,
@@ -17,22 +18,39 @@ from qgis.core import (
 )
 from qgis.PyQt.QtGui import QColor
 
-# field and colour ramp of each result kind
-KINDS = {"similar": ("similarity", "Viridis", False), "compare": ("distance", "Reds", False)}
+# field, colour ramp and classification of each result kind: natural breaks for change, since most
+# cells of two snapshots are unchanged (distance ~0) and quantiles would split those zeros
+KINDS = {"similar": ("similarity", "Viridis", QgsClassificationQuantile),
+         "compare": ("distance", "Reds", QgsClassificationJenks)}
 
 
 def _fill(colour="#cccccc"):
     return QgsFillSymbol.createSimple({"color": colour, "outline_style": "no"})
 
 
+def _legend_precision(r) -> None:
+    """Enough decimals that neighbouring class bounds differ in the legend: the embeddings of
+    one model are often all within 1e-3 of each other in cosine ("0 - 0" otherwise)."""
+    import math
+
+    bounds = sorted({b for rng in r.ranges() for b in (rng.lowerValue(), rng.upperValue())})
+    gaps = [b - a for a, b in zip(bounds, bounds[1:]) if b > a]
+    digits = min(8, max(2, math.ceil(-math.log10(min(gaps))) + 1)) if gaps else 3
+    fmt = r.labelFormat()
+    fmt.setPrecision(digits)
+    fmt.setTrimTrailingZeroes(True)
+    r.setLabelFormat(fmt, True)
+
+
 def style_layer(layer: QgsVectorLayer, kind: str) -> None:
     if kind in KINDS:
-        field, ramp_name, _ = KINDS[kind]
+        field, ramp_name, method = KINDS[kind]
         r = QgsGraduatedSymbolRenderer(field)
         r.setSourceSymbol(_fill())
-        r.setClassificationMethod(QgsClassificationQuantile())
+        r.setClassificationMethod(method())
         r.setSourceColorRamp(QgsStyle.defaultStyle().colorRamp(ramp_name))
         r.updateClasses(layer, 7)
+        _legend_precision(r)
     elif kind == "cluster":
         idx = layer.fields().indexOf("cluster")
         values = sorted(v for v in layer.uniqueValues(idx) if v is not None)

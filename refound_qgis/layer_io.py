@@ -38,7 +38,7 @@ from .settings import tr
 MAX_BLOCK_PIXELS = 2048
 # CRSs in metres whose scale is far from true on the ground: a 256 "m" cell would not be 256 m.
 _DISTORTED_PROJECTIONS = ("merc",)
-MAX_CELLS_HINT = "zoom in, use larger cells, or raise the maximum number of cells (Settings)"
+MAX_CELLS_HINT = "zoom in, use larger cells, or raise the cell limit ('Cell limit' in the ReFound panel, MAX_CELLS in Processing)"
 
 
 # ---------------------------------------------------------------------------------------- grid

@@ -28,6 +28,7 @@ class RefoundPlugin:
         self.analyze_action = None
         self.panel_action = None
         self.diagnostics_action = None
+        self.setup_action = None
         self.translator = self._install_translator()
 
     @staticmethod
@@ -73,7 +74,10 @@ class RefoundPlugin:
         self.diagnostics_action = QAction(tr("Diagnostics…"), main)
         self.diagnostics_action.setObjectName("refoundDiagnostics")
         self.diagnostics_action.triggered.connect(self.show_diagnostics)
-        self.actions = [self.analyze_action, self.panel_action, self.diagnostics_action]
+        self.setup_action = QAction(tr("Set up model backend…"), main)
+        self.setup_action.setObjectName("refoundSetupBackend")
+        self.setup_action.triggered.connect(self.show_backend_setup)
+        self.actions = [self.analyze_action, self.panel_action, self.diagnostics_action, self.setup_action]
 
         self.iface.addToolBarIcon(self.analyze_action)
         for action in self.actions:
@@ -114,6 +118,11 @@ class RefoundPlugin:
         dlg = DiagnosticsDialog(self.iface.mainWindow() if self.iface else None)
         dlg.exec()
 
+    def show_backend_setup(self):
+        from .dock_setup import open_setup_dialog
+
+        open_setup_dialog(self.dock, self.iface.mainWindow() if self.iface else None)
+
     def unload(self):
         if self.dock is not None:
             self.dock.cancel_analysis()
@@ -129,7 +138,7 @@ class RefoundPlugin:
                 self.iface.removePluginMenu(MENU, action)
                 action.deleteLater()
         self.actions = []
-        self.analyze_action = self.panel_action = self.diagnostics_action = None
+        self.analyze_action = self.panel_action = self.diagnostics_action = self.setup_action = None
         if self.provider is not None:
             QgsApplication.processingRegistry().removeProvider(self.provider)
             self.provider = None

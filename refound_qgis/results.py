@@ -82,17 +82,30 @@ def memory_layer(cells: Sequence, crs_authid: str, title: str, embeddings: bool 
 
 def write_geopackage(layer: QgsVectorLayer, path: str, task: str = "", kind: Optional[str] = None,
                      classes: Optional[list] = None) -> QgsVectorLayer:
-    """Write ``layer`` to a GeoPackage atomically (temp file in the same folder, then os.replace),
-    with the task's style stored as the file's default (``layer_styles``), and return the layer
-    read back from the file.
+    """Write a prediction ``layer`` to a GeoPackage atomically with the task's style stored as the
+    file's default (``layer_styles``), and return the layer read back from the file."""
+    path = os.path.abspath(path)
+    if not path.lower().endswith(".gpkg"):
+        path += ".gpkg"
+    style = (lambda written: apply_style(written, task, kind, classes)) if task else None
+    write_styled_gpkg(layer, path, CELLS_LAYER, style, style_name(task) if task else "", "ReFound default style")
+    out = QgsVectorLayer(f"{path}|layername={CELLS_LAYER}", layer.name(), "ogr")
+    if not out.isValid():
+        raise InputError(tr("The written GeoPackage {path} cannot be read back.").format(path=path))
+    return out
+
+
+def write_styled_gpkg(layer: QgsVectorLayer, path: str, layer_name: str, style=None, name: str = "",
+                      description: str = "") -> str:
+    """The one atomic GeoPackage write of the plugin (prediction and explore layers): a temp file
+    in the same folder, then os.replace; ``style(layer)``, when given, styles a layer on the temp
+    file and that style is stored as the file's default under ``name``.
 
     The style goes in before the rename, through a layer on the temp file that is closed first:
     saving a style into a GeoPackage that another QGIS layer is reading broke that layer's reads
     ("unable to open database file") on QGIS 3.22.
     """
     path = os.path.abspath(path)
-    if not path.lower().endswith(".gpkg"):
-        path += ".gpkg"
     folder = os.path.dirname(path)
     if not os.path.isdir(folder):
         raise InputError(tr("The output folder {folder} does not exist; choose an existing folder.").format(folder=folder))
@@ -101,27 +114,24 @@ def write_geopackage(layer: QgsVectorLayer, path: str, task: str = "", kind: Opt
     os.remove(tmp)
     opts = QgsVectorFileWriter.SaveVectorOptions()
     opts.driverName = "GPKG"
-    opts.layerName = CELLS_LAYER
+    opts.layerName = layer_name
     opts.fileEncoding = "UTF-8"
     try:
         err, msg, _, _ = QgsVectorFileWriter.writeAsVectorFormatV3(
             layer, tmp, QgsProject.instance().transformContext(), opts)
         if err != QgsVectorFileWriter.WriterError.NoError:
             raise InputError(tr("Writing {path} failed: {msg}").format(path=path, msg=msg))
-        if task:
-            written = QgsVectorLayer(f"{tmp}|layername={CELLS_LAYER}", layer.name(), "ogr")
-            apply_style(written, task, kind, classes)
-            written.saveStyleToDatabase(style_name(task), "ReFound default style", True, "")
+        if style is not None:
+            written = QgsVectorLayer(f"{tmp}|layername={layer_name}", layer.name(), "ogr")
+            style(written)
+            written.saveStyleToDatabase(name, description, True, "")
             del written
         os.replace(tmp, path)
     finally:
         for leftover in (tmp, tmp + "-wal", tmp + "-shm", tmp + "-journal"):
             if os.path.exists(leftover):
                 os.remove(leftover)
-    out = QgsVectorLayer(f"{path}|layername={CELLS_LAYER}", layer.name(), "ogr")
-    if not out.isValid():
-        raise InputError(tr("The written GeoPackage {path} cannot be read back.").format(path=path))
-    return out
+    return path
 
 
 def apply_style(layer: QgsVectorLayer, task: str, kind: Optional[str] = None, classes: Optional[list] = None) -> None:

@@ -44,7 +44,8 @@ DEFAULTS = {
     "batch_size": 16,
     "task": "population",
     "output_path": "",
-    "max_cells": 20000,
+    "max_cells": 20000,     # more cells are refused (dock: "Cell limit")
+    "confirm_cells": 2000,  # more cells ask first (dock: "Ask above"); 0 never asks
 }
 
 

@@ -7,6 +7,7 @@ Layout (one top folder, as QGIS's "Install from ZIP" and plugins.qgis.org expect
       metadata.txt          the repository's top-level metadata.txt (single source of the version)
       icon.png              drawn with QPainter at build time (refound_qgis/icon.py; no blob in git)
       LICENSE               when the repository has one
+      backend/pins.txt      requirements/pins.txt, for the "Set up model backend" installer
       *.py, processing/     the plugin
       styles/*.qml          the default styles of the prediction layers (refound_core.inference.styles)
       i18n/                 translation placeholder (Qt .qm files go here)
@@ -249,6 +250,8 @@ def stage(dest: Path, repo: Path = REPO, checkpoint: Path | None = None, project
     for name in ("LICENSE", "LICENSE.txt", "LICENSE.md"):
         if (repo / name).is_file():
             shutil.copy2(repo / name, root / name)
+    (root / "backend").mkdir(exist_ok=True)  # what "Set up model backend" installs (refound_qgis/backend_install.py)
+    shutil.copy2(repo / "requirements" / "pins.txt", root / "backend" / "pins.txt")
     draw_icon_png(root / read_metadata(repo / "metadata.txt").get("icon", "icon.png"))
     write_styles(root / "styles")
     i18n = root / "i18n"

@@ -38,9 +38,10 @@ def choose_k(x: np.ndarray, seed: int = 0, k_range=K_RANGE) -> tuple:
 
 
 def cluster(table, k: Optional[int] = None, method: str = "kmeans", seed: int = 0,
-            min_cluster_size: int = 5, attributes: Sequence[str] = ()) -> dict:
+            min_cluster_size: int = 5, attributes: Sequence[str] = (), pois: Optional[tuple] = None) -> dict:
     """Cluster id per row (-1: no embedding or HDBSCAN noise), the k used, silhouette scores and a
-    summary list of ``{cluster, size, mean_<attribute>...}``."""
+    summary list of ``{cluster, size, mean_<attribute>..., top_poi_categories}``; the last only
+    when ``pois = (xy in the layer's CRS, categories)`` is given (poi_categories)."""
     rows = np.nonzero(table.valid)[0]
     if rows.size < 3:
         raise InputError(f"{table.source}: only {rows.size} cells have embeddings; at least 3 are needed to cluster")
@@ -69,11 +70,18 @@ def cluster(table, k: Optional[int] = None, method: str = "kmeans", seed: int = 
     if missing:
         raise InputError(f"attributes {missing} are not numeric fields of {table.source}; "
                          f"it has {sorted(table.attributes)}")
+    top = {}
+    if pois is not None:
+        from .poi_categories import poi_rows, top_categories
+
+        top = top_categories(labels, poi_rows(table, pois[0]), pois[1])
     summary = []
     for c in sorted(set(labels[rows].tolist())):
         m = labels == c
         row = {"cluster": int(c), "size": int(m.sum())}
         for a in attributes:
             row[f"mean_{a}"] = float(np.nanmean(table.attributes[a][m]))
+        if pois is not None:
+            row["top_poi_categories"] = ", ".join(f"{cat} ({n})" for cat, n in top.get(int(c), []))
         summary.append(row)
     return {"cluster": labels, "k": int(k), "silhouette": scores, "summary": summary}

@@ -80,6 +80,19 @@ def _is_oom(exc: BaseException) -> bool:
     return isinstance(exc, oom_type) or "out of memory" in str(exc).lower()
 
 
+POI_ONLY_NOTICE_START = "POI-only cells:"
+
+
+def poi_only_notice(n: int) -> str:
+    """Why: a head fine-tuned on cells with imagery, applied to a cell without usable imagery
+    beside imaged ones, can be far off (a POI-only cell predicted ~500x its imaged twin; issue
+    "Robustness"). Said once per run when a run mixes both; the cells show image_coverage below
+    the threshold."""
+    return (f"{POI_ONLY_NOTICE_START} {n:,} cell(s) had POIs but no usable imagery and were predicted from POIs "
+            "alone, beside cells that had imagery; a head trained on imaged cells can be far off there "
+            "(those cells have image_coverage below the threshold: filter or style them apart).")
+
+
 class Predictor:
     """Model + head + vocabularies of one checkpoint, ready for streaming inference.
 
@@ -98,6 +111,7 @@ class Predictor:
                  min_image_coverage: Optional[float] = None):
         import torch
 
+        self._modality = {"image": 0, "poi_only": 0}
         from refound_core.model.checkpoint import load_checkpoint
         from refound_core.model.precision import choose_precision
 
@@ -242,11 +256,14 @@ class Predictor:
                 enc = self.featurizer.encode(s, cell_rng(s.cell_id))
                 if enc.has_pois or enc.has_image:  # a sliver of image below the coverage threshold is no data
                     encoded[i] = enc
+                    self._modality["image" if enc.has_image else "poi_only"] += 1
         self.timings["featurize"] += time.perf_counter() - t0
         return window, encoded
 
     def _run(self, samples, predict: bool, embed: bool, progress, is_canceled) -> Iterator[CellResult]:
         done = 0
+        self._modality = {"image": 0, "poi_only": 0}  # this run's cells by modality (_encode_window)
+        self.notices = [m for m in self.notices if not m.startswith(POI_ONLY_NOTICE_START)]
         windows = _prefetch(self._windows(samples), depth=2)
         try:
             for window, encoded in windows:
@@ -257,6 +274,9 @@ class Predictor:
                 self.timings["cells"] += len(window)
                 if progress is not None:
                     progress(done, None)
+            if predict and self._modality["image"] and self._modality["poi_only"]:
+                self.notices.append(poi_only_notice(self._modality["poi_only"]))
+                log.warning(self.notices[-1])
         finally:
             windows.close()  # stop the featurisation thread now, not at garbage collection
 

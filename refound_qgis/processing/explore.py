@@ -4,11 +4,14 @@
 from __future__ import annotations
 
 from qgis.core import (
+    QgsProcessing,
     QgsProcessingContext,
     QgsProcessingException,
     QgsProcessingLayerPostProcessorInterface,
     QgsProcessingOutputNumber,
     QgsProcessingParameterEnum,
+    QgsProcessingParameterFeatureSource,
+    QgsProcessingParameterField,
     QgsProcessingParameterFile,
     QgsProcessingParameterFileDestination,
     QgsProcessingParameterNumber,
@@ -122,12 +125,17 @@ class ClusterRegions(_ExploreAlgorithm):
     ALG_ID, KIND, TITLE = "cluster_regions", "cluster", "Cluster regions"
     HELP = ("A typology of places: k-means of the embeddings (k chosen by silhouette when 0) or HDBSCAN; "
             "categorical style with a legend.")
-    K, METHOD = "K", "METHOD"
+    K, METHOD, POIS, CATEGORY_FIELD = "K", "METHOD", "POIS", "CATEGORY_FIELD"
 
     def add_parameters(self):
         self.addParameter(QgsProcessingParameterNumber(self.K, tr("Number of clusters (0: by silhouette)"),
                                                        QgsProcessingParameterNumber.Integer, 0, minValue=0))
         self.addParameter(QgsProcessingParameterEnum(self.METHOD, tr("Method"), ["kmeans", "hdbscan"], defaultValue=0))
+        self.addParameter(QgsProcessingParameterFeatureSource(
+            self.POIS, tr("POI layer (names each cluster's top categories)"),
+            [QgsProcessing.TypeVectorPoint], optional=True))
+        self.addParameter(QgsProcessingParameterField(self.CATEGORY_FIELD, tr("POI category field"), "category",
+                                                      self.POIS, optional=True))
         self.addOutput(QgsProcessingOutputNumber("K", tr("Number of clusters")))
 
     def compute(self, parameters, context, feedback):
@@ -135,9 +143,16 @@ class ClusterRegions(_ExploreAlgorithm):
 
         table = self.table(self.INPUT, parameters, context)
         k = self.parameterAsInt(parameters, self.K, context) or None
-        res = cluster(table, k, ("kmeans", "hdbscan")[self.parameterAsEnum(parameters, self.METHOD, context)])
+        pois = None
+        source = self.parameterAsSource(parameters, self.POIS, context)
+        if source is not None:
+            field = self.parameterAsString(parameters, self.CATEGORY_FIELD, context) or "category"
+            pois = explore_layers.poi_points(source, table.crs, field, context.transformContext())
+        res = cluster(table, k, ("kmeans", "hdbscan")[self.parameterAsEnum(parameters, self.METHOD, context)],
+                      pois=pois)
         for row in res["summary"]:
-            feedback.pushInfo(tr("cluster {c}: {n} cells").format(c=row["cluster"], n=row["size"]))
+            feedback.pushInfo(tr("cluster {c}: {n} cells").format(c=row["cluster"], n=row["size"])
+                              + (f"; {row['top_poi_categories']}" if row.get("top_poi_categories") else ""))
         return table, {"cluster": res["cluster"]}, {}, {"CELLS": len(table.cell_ids), "K": res["k"]}
 
 

@@ -119,3 +119,24 @@ def test_dataset_round_trips_the_pixel_mask(tmp_path, half_cell):
     ds = RegionDataset(tmp_path / "ds")
     assert ds[0].image_valid is None
     np.testing.assert_array_equal(ds[1].image_valid, chip.valid)
+
+
+def test_poi_only_cells_beside_imaged_ones_are_named_once_per_run(half_cell):
+    """A run mixing cells with and without usable imagery says how many were predicted from POIs
+    alone; a run of one kind says nothing; the notice does not outlive its run."""
+    from refound_core.inference.predictor import POI_ONLY_NOTICE_START, Predictor
+
+    chip, ckpt = half_cell
+    pred = Predictor(ckpt, device="cpu")
+
+    def run(coverages):
+        samples = [dataclasses.replace(_sample(chip, coverage=c), cell_id=f"EPSG:32650/256/{i}_0")
+                   for i, c in enumerate(coverages)]
+        results = list(pred.predict_samples(samples))
+        return [m for m in pred.notices if m.startswith(POI_ONLY_NOTICE_START)], results
+
+    notices, results = run([0.5, 0.0, 0.5, 0.0, 0.0])
+    assert [r.image_used for r in results] == [True, False, True, False, False]
+    assert len(notices) == 1 and " 3 cell(s)" in notices[0], notices
+    assert run([0.5, 0.5])[0] == []
+    assert run([0.0, 0.0])[0] == []  # a POI-only run (no imagery at all) is not the case warned about

@@ -247,6 +247,54 @@ def test_dock_explore_tab_click_a_cell(iface, qtbot, project, explore_city, tmp_
     assert canvas.mapTool() is None
 
 
+def test_dock_explore_cancel_is_reported_and_adds_nothing(iface, qtbot, project, explore_city, tmp_path,
+                                                          monkeypatch):
+    """Whole-layer clustering runs in a QgsTask; Cancel while it runs: 'Canceled', no layer added,
+    and the panel runs again afterwards."""
+    import threading
+
+    import geopandas as gpd
+    from qgis.core import QgsVectorLayer
+
+    from refound_core.explore import cluster as core_cluster
+    from refound_core.explore.io import read_embeddings
+    from refound_qgis.dock import RefoundDock
+
+    t = read_embeddings(explore_city["emb"])
+    g = gpd.GeoDataFrame({"cell_id": list(t.cell_ids)} | {f"emb_{j:03d}": t.vectors[:, j] for j in range(t.dim)},
+                         geometry=gpd.GeoSeries.from_wkb(list(t.geometry)), crs=t.crs)
+    g.to_file(tmp_path / "emb.gpkg", driver="GPKG", engine="pyogrio")
+    layer = QgsVectorLayer(str(tmp_path / "emb.gpkg"), "embeddings", "ogr")
+    project.addMapLayer(layer)
+    started, release, real = threading.Event(), threading.Event(), core_cluster.cluster
+
+    def slow_cluster(table, *a, **kw):
+        started.set()
+        release.wait(20)
+        return real(table, *a, **kw)
+
+    monkeypatch.setattr(core_cluster, "cluster", slow_cluster)
+    dock = RefoundDock(iface)
+    qtbot.addWidget(dock)
+    panel = dock.explore_panel
+    panel.layer_combo.setLayer(layer)
+    panel.action_combo.setCurrentIndex(panel.action_combo.findData("cluster"))
+    before = set(project.mapLayers())
+    panel.run_button.click()
+    assert started.wait(20) and panel.cancel_button.isEnabled() and not panel.run_button.isEnabled()
+    with qtbot.waitSignal(panel.result_ready, timeout=20_000) as blocker:
+        panel.cancel_button.click()
+        release.set()
+    out, message = blocker.args
+    assert out is None and message.startswith("Canceled"), message
+    assert set(project.mapLayers()) == before
+    monkeypatch.setattr(core_cluster, "cluster", real)
+    with qtbot.waitSignal(panel.result_ready, timeout=20_000) as blocker:
+        panel.run_button.click()
+    assert blocker.args[0] is not None and blocker.args[0] in project.mapLayers().values(), blocker.args[1]
+    dock.shutdown()
+
+
 @pytest.mark.slow
 def test_explore_algorithms_run_under_qgis_process(explore_city, tmp_path):
     """All four ids through /usr/bin/qgis_process.bin (a fresh QGIS, the staged plugin)."""
@@ -287,3 +335,72 @@ def test_explore_algorithms_run_under_qgis_process(explore_city, tmp_path):
         assert report["results"]["CELLS"] >= 100
         with sqlite3.connect(out) as db:
             assert db.execute("SELECT count(*) FROM layer_styles").fetchone()[0] == 1
+
+
+def _expected_top_categories(emb_path, pois_path, labels_by_cell):
+    """Per cluster, POI categories counted by a polygon join of the POIs with the cell polygons
+    (geopandas), independently of the grid arithmetic the code uses."""
+    from collections import Counter
+
+    import geopandas as gpd
+
+    cells = gpd.read_parquet(emb_path)[["cell_id", "geometry"]]
+    pois = gpd.read_file(pois_path, layer="pois").to_crs(cells.crs)
+    joined = gpd.sjoin(pois, cells, predicate="within")
+    counts: dict = {}
+    for cid, cat in zip(joined["cell_id"], joined["category"]):
+        counts.setdefault(labels_by_cell[cid], Counter())[cat] += 1
+    return counts
+
+
+def test_cli_cluster_names_top_poi_categories(explore_city, tmp_path, capsys):
+    import json as _json
+
+    import geopandas as gpd
+
+    from training.cli import main
+
+    out = tmp_path / "clusters.parquet"
+    pois = explore_city["city"] / "pois.gpkg"
+    assert main(["explore", "cluster", "--embeddings", str(explore_city["emb"]), "--k", "4", "--pois", str(pois),
+                 "--out", str(out)]) == 0
+    report = _json.loads(capsys.readouterr().out)
+    labels = dict(zip(gpd.read_parquet(out)["cell_id"], gpd.read_parquet(out)["cluster"]))
+    expected = _expected_top_categories(explore_city["emb"], pois, labels)
+    assert len(report["summary"]) == 4
+    assert any(row["top_poi_categories"] for row in report["summary"])
+    for row in report["summary"]:
+        counter = expected.get(row["cluster"], {})
+        got = [part.rsplit(" (", 1) for part in row["top_poi_categories"].split(", ") if part]
+        got = [(cat, int(n.rstrip(")"))) for cat, n in got]
+        # each named category's count is exact, and they are the cluster's 3 largest counts
+        # (ties may be named in any order)
+        assert all(counter[cat] == n for cat, n in got), (row, counter)
+        assert [n for _, n in got] == sorted(counter.values(), reverse=True)[:3], (row, counter)
+    assert main(["explore", "cluster", "--embeddings", str(explore_city["emb"]), "--pois", str(pois),
+                 "--category-field", "nope", "--out", str(tmp_path / "x.parquet")]) == 2
+    assert "'nope'" in capsys.readouterr().err and not (tmp_path / "x.parquet").exists()
+
+
+def test_cluster_regions_reports_top_poi_categories(provider, project, explore_city, tmp_path):
+    import processing
+    from qgis.core import QgsProcessingFeedback, QgsVectorLayer
+
+    pois = QgsVectorLayer(f"{explore_city['city'] / 'pois.gpkg'}|layername=pois", "pois", "ogr")
+    assert pois.isValid()
+    msgs = []
+
+    class Feedback(QgsProcessingFeedback):
+        def pushInfo(self, info):  # noqa: N802 - QGIS's name
+            msgs.append(info)
+
+    out = tmp_path / "clusters.gpkg"
+    processing.run("refound:cluster_regions", {"INPUT": str(explore_city["emb"]), "K": 3, "POIS": pois,
+                                               "CATEGORY_FIELD": "category", "OUTPUT": str(out)},
+                   feedback=Feedback())
+    lines = [m for m in msgs if m.startswith("cluster ")]
+    assert len(lines) == 3, msgs
+    categories = {f["category"] for f in pois.getFeatures()}
+    named = [part.rsplit(" (", 1)[0] for m in lines if "; " in m for part in m.split("; ", 1)[1].split(", ")]
+    assert sum("; " in m for m in lines) >= 2, msgs  # a cluster of POI-less cells names none
+    assert named and set(named) <= categories

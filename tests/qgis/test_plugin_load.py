@@ -36,6 +36,7 @@ def test_plugin_loads_and_unloads_cleanly(iface, clean_settings):
         iface.addToolBarIcon.assert_called_once_with(plugin.analyze_action)
         menu_actions = [c.args[1] for c in iface.addPluginToMenu.call_args_list]
         assert plugin.analyze_action in menu_actions and plugin.panel_action in menu_actions
+        assert plugin.setup_action in menu_actions  # "Set up model backend…"
         assert plugin.analyze_action.text() == "Analyze extent"
         iface.addDockWidget.assert_called_once()
         assert iface.addDockWidget.call_args.args[1] is plugin.dock

@@ -73,7 +73,8 @@ def test_zip_follows_the_repository_rules(plugin_zip):
     assert icon.startswith(b"\x89PNG") and len(icon) < 16 * 1024
     assert {"refound_qgis/__init__.py", "refound_qgis/plugin.py", "refound_qgis/processing/provider.py",
             "refound_qgis/styles/urban_village.qml", "refound_qgis/i18n/README.txt",
-            "refound_qgis/ext/refound_core/backend/client.py", "refound_qgis/ext/refound_core/data/grid.py"} <= names
+            "refound_qgis/ext/refound_core/backend/client.py", "refound_qgis/ext/refound_core/data/grid.py",
+            "refound_qgis/backend_install.py", "refound_qgis/backend/pins.txt"} <= names  # the backend installer's pins
     assert not any(n.endswith((".pyc", ".so")) or "__pycache__" in n for n in names)
     # Only the torch-free part of refound_core travels with the plugin.
     assert "refound_qgis/ext/refound_core/model/checkpoint.py" not in names

@@ -107,3 +107,7 @@ def test_diagnostics_report(qgis_app, checkpoints, qtbot):
     dlg = DiagnosticsDialog(None, {"backend": "auto", "checkpoint_dir": ""}, probe_local=False)
     qtbot.addWidget(dlg)
     assert '"qgis"' in dlg.text.toPlainText()
+    from refound_qgis.diagnostics import report_text
+
+    text = report_text({"checkpoint_dir": "/data/Łódź/ckpt"})
+    assert "Łódź" in text and "\\u0141" not in text  # readable, not escaped

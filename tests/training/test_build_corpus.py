@@ -122,3 +122,28 @@ def test_committed_manifests_are_complete():
                     if line.strip() and not line.startswith("#")} if (Path(__file__).resolve().parents[3] /
                                                                       "shared").exists() else set()
         assert not {s["repo"] for s in m["sources"]} & excluded
+
+
+def test_bands_pick_rgb_out_of_a_four_band_file(tmp_path):
+    """RGB+NIR / RGBA sources (NAIP, SpaceNet pan-sharpened) name their RGB bands with ``bands``;
+    the 4th band (here a constant 255, like an alpha band) must never reach a crop."""
+    work = tmp_path / "src"
+    work.mkdir()
+    rgb = np.random.default_rng(1).integers(0, 200, (32, 32, 3), dtype=np.uint8)
+    _write_tif(work / "rgbn.tif", np.concatenate([rgb, np.full((32, 32, 1), 255, np.uint8)], axis=2))
+    git_dir = tmp_path / "mirror" / "owner+four" / "repo"
+    env = {"GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t",
+           "PATH": "/usr/bin:/bin"}
+    subprocess.run(["git", "init", "-q", "--bare", str(git_dir)], check=True)
+    for cmd in (["add", "rgbn.tif"], ["commit", "-q", "-m", "data"]):
+        subprocess.run(["git", "--git-dir", str(git_dir), "--work-tree", str(work), *cmd], check=True, env=env)
+    commit = subprocess.run(["git", "--git-dir", str(git_dir), "rev-parse", "HEAD"], capture_output=True,
+                            text=True, check=True).stdout.strip()
+    src = {"id": "four", "repo": "owner/four", "commit": commit, "path": "rgbn.tif", "licence": "CC0-1.0",
+           "sha256": hashlib.sha256((work / "rgbn.tif").read_bytes()).hexdigest(), "place": "t", "native_gsd_m": 0.5}
+    for bands, want in (([1, 2, 3], rgb), ([3, 2, 1], rgb[..., ::-1]), (None, rgb)):
+        s = dict(src, bands=bands) if bands else src
+        out = tmp_path / f"ds{bands}"
+        build_corpus({"gsd_m": 0.5, "crop_px": 32, "sources": [s]}, tmp_path / "mirror", out, log=lambda *a: None)
+        chip = RegionDataset(out)[0].image
+        assert chip.shape == (32, 32, 3) and np.array_equal(chip, want)

@@ -46,6 +46,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     c.add_argument("--min-cluster-size", type=int, default=5, help="HDBSCAN's smallest cluster (default: 5)")
     c.add_argument("--attributes", nargs="*", default=[], help="numeric fields to average per cluster (e.g. poi_count)")
     c.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    c.add_argument("--pois", default=None,
+                   help="POI file (GeoPackage, Shapefile, GeoJSON): name each cluster's top POI categories")
+    c.add_argument("--poi-layer", default=None, help="layer of the POI file (default: the first)")
+    c.add_argument("--category-field", default="category", help="POI category attribute (default: category)")
     o = sub.add_parser("colours", help="first 3 principal components (or UMAP) as an RGB colour per cell",
                        description="Similar places share a colour: 3 components -> #rrggbb per cell.")
     _common(o, "per-cell colour (#rrggbb) and components pc1..pc3")
@@ -94,7 +98,12 @@ def run(args: argparse.Namespace) -> int:
         report["top"] = [{"cell_id": str(out_t.cell_ids[i]), "similarity": round(float(res["similarity"][i]), 4)}
                          for i in res["top"]]
     elif args.explore_command == "cluster":
-        res = cl.cluster(table, args.k, args.method, args.seed, args.min_cluster_size, args.attributes)
+        pois = None
+        if args.pois:
+            from refound_core.explore.poi_categories import read_poi_points
+
+            pois = read_poi_points(args.pois, table.crs, args.category_field, args.poi_layer)
+        res = cl.cluster(table, args.k, args.method, args.seed, args.min_cluster_size, args.attributes, pois)
         write_result(args.out, table, {"cluster": res["cluster"]})
         report.update(k=res["k"], silhouette=res["silhouette"], summary=res["summary"])
     elif args.explore_command == "colours":
