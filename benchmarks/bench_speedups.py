@@ -49,7 +49,9 @@ def main(argv=None) -> int:
         if v == "int8":
             m = quantize_int8(model)
         elif v.startswith("compile"):
-            m = compile_model(model)
+            import copy
+
+            m = compile_model(copy.deepcopy(model))
 
         def run(m=m, bf16=bf16):
             with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):

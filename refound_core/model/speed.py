@@ -22,6 +22,8 @@ def quantize_int8(model: nn.Module) -> nn.Module:
 
 
 def compile_model(model: nn.Module, mode: str | None = None) -> nn.Module:
-    """``torch.compile`` with dynamic shapes (batches differ in POI length): the first batch of each
-    new shape class pays the compilation."""
-    return torch.compile(model, dynamic=True, mode=mode)
+    """``model`` with its ``forward`` replaced, in place, by ``torch.compile`` of it (dynamic
+    shapes: batches differ in POI length), so ``model(...)`` and ``model.forward_batch(...)`` both
+    run compiled; the first batch of each new shape class pays the compilation. Returns ``model``."""
+    model.forward = torch.compile(model.forward, dynamic=True, mode=mode)
+    return model
