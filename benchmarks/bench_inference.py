@@ -7,7 +7,9 @@ Part A - model throughput (regions/s, achieved FLOP/s, fraction of a measured bf
         size as the baseline);
       - ``refound-bucketed``: POI sequences of realistic lengths (per-cell POI counts of the 8 km
         synthetic city when generated, else a log-normal draw), sorted by length and padded per
-        batch only (the predictor's batching);
+        batch only (the predictor's batching) - the POI-dense synthetic city;
+      - ``refound-helsinki``: a Helsinki-like density, about 50 real central-Helsinki OSM POIs
+        per region, tokenised as the featuriser does (``bench_density.py``);
   * the straightforward alternative: Hugging Face ``BertModel`` (bert-base config) on the
     512-token POI text + ``ViTModel`` (ViT-Base config, 256 x 256 input) on the image, random init
     from configs (no downloads), as two separate models;
@@ -19,6 +21,11 @@ Part B - end-to-end ``refound predict`` on a seeded 8 km synthetic city (``gener
   the per-stage breakdown (grid, POI join, image reads, featurisation, model, write) and the peak
   RSS at 1x cells (a 4 km x 4 km quarter) vs 4x cells (the whole 8 km city), each in a fresh
   process so peak RSS is per run. Constant peak RSS across 1x/4x = memory independent of extent.
+
+The machine load (``os.getloadavg``) is recorded at the start and the end, and the last line
+printed is one JSON object: ``vs_naive_fp32``, ``vs_naive_bf16`` (regions/s ratios, ReFound in
+the predictor's precision vs the naive pipeline) and ``peak_fraction`` (of the bf16 matmul peak)
+for the realistic-density (Helsinki-like) case, plus the loads.
 
 Usage::
 
@@ -39,6 +46,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from bench_density import helsinki_lengths, machine_load, summary
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -190,6 +199,7 @@ def bench_models(args, device, peak_bf16: float) -> list:
     full = refound_batches(cfg, [L] * b, b, device, seed=1)
     n_buck = b * args.bucket_batches
     buck = refound_batches(cfg, poi_lengths(n_buck, L, seed=2, city_dir=args.city_dir), b, device, seed=3)
+    hel = refound_batches(cfg, helsinki_lengths(n_buck, L, seed=4), b, device, seed=5)
 
     def run_baseline():
         bert(input_ids=ids, attention_mask=mask)
@@ -203,7 +213,8 @@ def bench_models(args, device, peak_bf16: float) -> list:
 
     cases = [("baseline BERT+ViT (512 tok)", run_baseline, b),
              ("refound-512", run_refound(full), b),
-             ("refound-bucketed", run_refound(buck), n_buck)]
+             ("refound-bucketed", run_refound(buck), n_buck),
+             ("refound-helsinki", run_refound(hel), n_buck)]
     rows = []
     for name, fn, regions in cases:
         for bf16 in (False, True):
@@ -352,7 +363,7 @@ def main(argv=None) -> int:
         args.warmup = 2 if device.type == "cuda" else 0
     if notice:
         print(f"notice: {notice}")
-    results = {"info": device_info(device), "args": vars(args)}
+    results = {"info": device_info(device), "args": vars(args), "load_start": machine_load()}
     print(json.dumps(results["info"]))
     n = args.peak_n or (8192 if device.type == "cuda" else 2048)
     if args.quick:
@@ -369,10 +380,13 @@ def main(argv=None) -> int:
     if not args.skip_e2e:
         print(f"part B: end-to-end predict on the {args.city_km:g} km synthetic city, {device}", flush=True)
         results["e2e"] = bench_e2e(args, device)
+    results["load_end"] = machine_load()
+    results["summary"] = summary(results.get("models", []))
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(results, indent=1, default=str))
         print(f"wrote {args.out}")
+    print(json.dumps({**results["summary"], "load_start": results["load_start"], "load_end": results["load_end"]}))
     return 0
 
 

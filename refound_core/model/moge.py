@@ -13,6 +13,15 @@ not to a fixed 512). Every layer owns a P and an S expert and the fusion layers 
 expert, which is the official parameter layout (the P/S experts of fusion layers are unused but
 kept so that official checkpoints load). ``use_moge=False`` gives the paper's "w/o MoGE"
 ablation: one shared FFN in every layer.
+
+Layout (speed, issue 18): by default the encoder runs *token-major*, ``[S, B, H]``. Then the POI
+positions of the whole batch, ``x[:num_poi_tokens]``, are one contiguous block, so each expert is
+one dense matmul over a contiguous ``[L_P*B, H]`` view (no gather, no strided copy), and the two
+expert outputs are joined by one contiguous concatenation. Attention goes through
+``scaled_dot_product_attention`` on a strided view of the packed QKV projection. The batch-major
+reference path (``MoGETransformer.fused = False``) is the original formulation; both give the same
+numbers (tests/model/test_fused.py) and use the same parameters, so checkpoints are unchanged.
+No step of either path syncs with the host (no ``.item()``, ``nonzero`` or boolean indexing).
 """
 from __future__ import annotations
 
@@ -42,13 +51,21 @@ class SharedSelfAttention(nn.Module):
         self.proj_drop = nn.Dropout(cfg.hidden_dropout)
         self.norm = nn.LayerNorm(h, eps=cfg.layer_norm_eps)
 
-    def forward(self, x: torch.Tensor, key_valid: torch.Tensor, return_probs: bool = False):
-        """x: ``[B, S, H]``; key_valid: bool ``[B, S]`` (True = may be attended to).
+    def forward(self, x: torch.Tensor, key_valid: torch.Tensor, return_probs: bool = False,
+                token_major: bool = False):
+        """x: ``[B, S, H]`` (``[S, B, H]`` when ``token_major``); key_valid: bool ``[B, S]``
+        (True = may be attended to).
 
-        Returns ``(y, probs)``; probs is ``[B, heads, S, S]`` when ``return_probs`` else None.
+        Returns ``(y, probs)``, y in the layout of x; probs is ``[B, heads, S, S]`` when
+        ``return_probs`` else None.
         """
-        b, s, h = x.shape
-        q, k, v = self.qkv(x).view(b, s, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        if token_major:
+            s, b, h = x.shape
+            qkv = self.qkv(x).view(s, b, 3, self.num_heads, self.head_dim).permute(2, 1, 3, 0, 4)
+        else:
+            b, s, h = x.shape
+            qkv = self.qkv(x).view(b, s, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)  # each [B, heads, S, head_dim], a strided view (no copy)
         mask = key_valid[:, None, None, :]
         drop = self.attn_drop if self.training else 0.0
         probs = None
@@ -59,7 +76,10 @@ class SharedSelfAttention(nn.Module):
             ctx = F.dropout(probs, drop, self.training) @ v
         else:
             ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=drop)
-        ctx = ctx.transpose(1, 2).reshape(b, s, h)
+        if token_major:
+            ctx = ctx.permute(2, 0, 1, 3).reshape(s, b, h)
+        else:
+            ctx = ctx.transpose(1, 2).reshape(b, s, h)
         return self.norm(x + self.proj_drop(self.proj(ctx))), probs
 
 
@@ -93,31 +113,45 @@ class MoGELayer(nn.Module):
         else:
             self.ffn = Expert(cfg)
 
-    def forward(self, x, key_valid, num_poi_tokens: int, return_probs: bool = False):
-        """x: ``[B, S, H]``; positions ``[:num_poi_tokens]`` are POI tokens, the rest image tokens."""
-        a, probs = self.attn(x, key_valid, return_probs)
+    def forward(self, x, key_valid, num_poi_tokens: int, return_probs: bool = False, token_major: bool = False):
+        """x: ``[B, S, H]`` (``[S, B, H]`` when ``token_major``); positions ``[:num_poi_tokens]``
+        are POI tokens, the rest image tokens."""
+        a, probs = self.attn(x, key_valid, return_probs, token_major)
         if not self.use_moge:
             return self.ffn(a), probs
         if self.is_fusion:
             return self.ffn_ps(a), probs
-        y = torch.cat([self.ffn_poi(a[:, :num_poi_tokens]), self.ffn_img(a[:, num_poi_tokens:])], dim=1)
+        if token_major:  # contiguous [L_P, B, H] and [1+N, B, H] blocks: one dense matmul per expert
+            y = torch.cat([self.ffn_poi(a[:num_poi_tokens]), self.ffn_img(a[num_poi_tokens:])], dim=0)
+        else:
+            y = torch.cat([self.ffn_poi(a[:, :num_poi_tokens]), self.ffn_img(a[:, num_poi_tokens:])], dim=1)
         return y, probs
 
 
 class MoGETransformer(nn.Module):
-    """Stack of ``cfg.num_layers`` MoGE layers; no final LayerNorm and no pooler (official code)."""
+    """Stack of ``cfg.num_layers`` MoGE layers; no final LayerNorm and no pooler (official code).
+
+    ``fused`` (default True) runs the layers token-major (module docstring); False runs the
+    batch-major reference path, whose per-layer hooks see ``[B, S, H]`` tensors (parity tests).
+    """
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.layers = nn.ModuleList(MoGELayer(cfg, i) for i in range(cfg.num_layers))
+        self.fused = True
 
     def forward(self, x, key_valid, num_poi_tokens: int, attentions_layer: int | None = None):
         """Returns ``(hidden [B,S,H], probs or None)``; ``attentions_layer`` (an index, negative
         allowed) selects the layer whose attention probabilities are returned."""
         want = None if attentions_layer is None else range(len(self.layers))[attentions_layer]
         probs = None
+        fused = self.fused
+        if fused:
+            x = x.transpose(0, 1).contiguous()  # [S, B, H]: one copy in, one copy out
         for i, layer in enumerate(self.layers):
-            x, p = layer(x, key_valid, num_poi_tokens, return_probs=(i == want))
+            x, p = layer(x, key_valid, num_poi_tokens, return_probs=(i == want), token_major=fused)
             if p is not None:
                 probs = p
+        if fused:
+            x = x.transpose(0, 1).contiguous()
         return x, probs

@@ -28,8 +28,10 @@ def test_output_shapes_and_cls_positions(tiny_model, make_batch):
 
 def test_routing_uses_the_explicit_split(tiny_model, make_batch):
     """Below fusion_start the P-FFN sees exactly the POI positions and the S-FFN exactly the image
-    positions; from fusion_start on only the PS-FFN runs, on every position."""
+    positions; from fusion_start on only the PS-FFN runs, on every position. (Checked on the
+    batch-major reference path; test_fused.py shows the fused path gives the same numbers.)"""
     cfg = tiny_model.config
+    tiny_model.encoder.fused = False
     batch = make_batch(cfg)
     seen, attn_out, hooks = [], {}, []
     for i, layer in enumerate(tiny_model.encoder.layers):
@@ -40,6 +42,7 @@ def test_routing_uses_the_explicit_split(tiny_model, make_batch):
                     lambda m, a, o, i=i, name=name: seen.append((i, name, a[0]))))
     with torch.no_grad():
         out = tiny_model.forward_batch(batch)
+    tiny_model.encoder.fused = True
     for h in hooks:
         h.remove()
     lp, total = out.num_poi_tokens, out.hidden_states.shape[1]
