@@ -49,7 +49,7 @@ def _load_json(href: str) -> dict:
     if urlparse(href).scheme in ("http", "https"):
         from urllib.request import urlopen
 
-        with urlopen(href, timeout=60) as fh:  # noqa: S310 - the user's own STAC URL
+        with urlopen(href, timeout=60) as fh:  # noqa: S310  # nosec B310 - scheme checked above: http(s) only
             return json.load(fh)
     return json.loads(Path(href).read_text(encoding="utf-8"))
 
