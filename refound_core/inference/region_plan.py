@@ -15,14 +15,13 @@ cell source of one shard, whose reads are bounded by the shard.
 from __future__ import annotations
 
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Optional
 
 import numpy as np
 
 from refound_core.errors import InputError
-from refound_core.inference.sources import IMAGE_THREADS, FileCellSource, GridFrame
+from refound_core.inference.sources import FileCellSource, GridFrame
 
 SHARD_CELLS = 1024
 PROBE_FEATURES = 2000  # features read up front to check a POI file (fields, CRS, names)
@@ -163,15 +162,5 @@ class ShardSource(FileCellSource):
         keep = None if self.tags is None else (lambda cell, tags=self.tags: cell.id in tags)
         return GridFrame(g.crs, bounds, [], keep)
 
-    def prepare(self, grid, ranges: tuple, image_size: int) -> None:
-        self.grid, self.image_size = grid, int(image_size)
-        if self.pois is not None:
-            t0 = time.perf_counter()
-            col0, col1, row0, row1 = ranges
-            pois = self.pois.to_crs(grid.crs)
-            cols, rows = grid.cell_indices(pois.x, pois.y)
-            keep = (cols >= col0) & (cols < col1) & (rows >= row0) & (rows < row1)
-            self.pois = pois.take(np.flatnonzero(keep))
-            self.timer("poi_join", time.perf_counter() - t0)
-        if self.imagery is not None:
-            self._pool = ThreadPoolExecutor(IMAGE_THREADS, thread_name_prefix="refound-chips")
+    def _check_imagery(self, grid, ranges: tuple) -> None:
+        """Done once for the whole area by the run (a shard far from the raster is no error)."""

@@ -174,8 +174,6 @@ class FileCellSource(CellSource):
         return GridFrame(grid.crs, tuple(bounds), notices)
 
     def prepare(self, grid, ranges: tuple, image_size: int) -> None:
-        from refound_core.data.imagery import ChipReader
-
         self.grid, self.image_size = grid, int(image_size)
         if self.pois is not None:
             t0 = time.perf_counter()
@@ -186,13 +184,18 @@ class FileCellSource(CellSource):
             self.pois = pois.take(np.flatnonzero(keep))  # only the area's POIs are kept in memory
             self.timer("poi_join", time.perf_counter() - t0)
         if self.imagery is not None:
-            from refound_core.data.validate import check_imagery_overlap
-
-            ChipReader(self.imagery, size_px=self.image_size).close()  # fail early on a bad raster
-            col0, col1, row0, row1 = ranges  # an extent far from the raster would predict blank chips
-            s = grid.cell_size
-            check_imagery_overlap(self.imagery, (col0 * s, row0 * s, col1 * s, row1 * s), grid.crs)
+            self._check_imagery(grid, ranges)
             self._pool = ThreadPoolExecutor(IMAGE_THREADS, thread_name_prefix="refound-chips")
+
+    def _check_imagery(self, grid, ranges: tuple) -> None:
+        """Fail early on a bad raster or one far from the area (it would predict blank chips)."""
+        from refound_core.data.imagery import ChipReader
+        from refound_core.data.validate import check_imagery_overlap
+
+        ChipReader(self.imagery, size_px=self.image_size).close()
+        col0, col1, row0, row1 = ranges
+        s = grid.cell_size
+        check_imagery_overlap(self.imagery, (col0 * s, row0 * s, col1 * s, row1 * s), grid.crs)
 
     def _reader(self):
         from refound_core.data.imagery import ChipReader
