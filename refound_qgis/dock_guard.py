@@ -57,23 +57,25 @@ class _Preselector(QObject):
         preselect_layers(self.dock)
 
 
+def _setting_spin(dock, form, key: str, label: str, minimum: int, step: int, tip: str) -> QSpinBox:
+    """A form row whose spin box is the QgsSettings value ``key`` (read now, written on change)."""
+    spin = QSpinBox(dock)
+    spin.setRange(minimum, 5_000_000)
+    spin.setSingleStep(step)
+    spin.setValue(int(settings.value(key)))
+    spin.setToolTip(tip)
+    spin.valueChanged.connect(lambda v: settings.set_value(key, int(v)))
+    form.addRow(label, spin)
+    return spin
+
+
 def add_limits(dock, form) -> tuple:
     """The "Cell limit" and "Ask above" rows of the model form; ``(limit spin, ask spin)``.
     Also preselects the obvious layers, now and whenever layers are added to the project."""
-    limit = QSpinBox(dock)
-    limit.setRange(1, 5_000_000)
-    limit.setSingleStep(1000)
-    limit.setValue(int(settings.value("max_cells")))
-    limit.setToolTip(tr("Runs over more cells than this are refused (zoom in or use larger cells)"))
-    limit.valueChanged.connect(lambda v: settings.set_value("max_cells", int(v)))
-    form.addRow(tr("Cell limit"), limit)
-    ask = QSpinBox(dock)
-    ask.setRange(0, 5_000_000)
-    ask.setSingleStep(500)
-    ask.setValue(int(settings.value("confirm_cells")))
-    ask.setToolTip(tr("Ask before analysing more cells than this (0: never ask)"))
-    ask.valueChanged.connect(lambda v: settings.set_value("confirm_cells", int(v)))
-    form.addRow(tr("Ask above (cells)"), ask)
+    limit = _setting_spin(dock, form, "max_cells", tr("Cell limit"), 1, 1000,
+                          tr("Runs over more cells than this are refused (zoom in or use larger cells)"))
+    ask = _setting_spin(dock, form, "confirm_cells", tr("Ask above (cells)"), 0, 500,
+                        tr("Ask before analysing more cells than this (0: never ask)"))
     preselect_layers(dock)
     dock._preselector = _Preselector(dock)
     return limit, ask
