@@ -170,3 +170,14 @@ def auth_db(qgis_app):
     am = QgsApplication.authManager()
     assert am.setMasterPassword("refound-test-master-password", True)
     return am
+
+
+@pytest.fixture
+def provider(processing_ready):
+    """The plugin's Processing provider, registered as QGIS registers it (classFactory + initProcessing)."""
+    import refound_qgis
+
+    plugin = refound_qgis.classFactory(None)
+    plugin.initProcessing()
+    yield plugin.provider
+    plugin.unload()

@@ -18,16 +18,6 @@ def explore_city(tmp_path_factory):
     return build(tmp_path_factory.mktemp("explore"))
 
 
-@pytest.fixture
-def provider(processing_ready):
-    import refound_qgis
-
-    plugin = refound_qgis.classFactory(None)
-    plugin.initProcessing()
-    yield plugin.provider
-    plugin.unload()
-
-
 def _features(path):
     from qgis.core import QgsVectorLayer
 

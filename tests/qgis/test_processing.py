@@ -15,16 +15,6 @@ from qgis_testlib import CELL, EPSG, IMAGE_COLS, REPO, SCENE_CELLS, X0, Y0
 pytestmark = pytest.mark.qgis
 
 
-@pytest.fixture
-def provider(processing_ready):
-    import refound_qgis
-
-    plugin = refound_qgis.classFactory(None)
-    plugin.initProcessing()
-    yield plugin.provider
-    plugin.unload()
-
-
 def extent_string(margin=10.0, crs=EPSG):
     # Processing's extent text is XMIN,XMAX,YMIN,YMAX [CRS]
     return f"{X0 + margin},{X0 + SCENE_CELLS * CELL - margin},{Y0 + margin},{Y0 + SCENE_CELLS * CELL - margin} [{crs}]"
