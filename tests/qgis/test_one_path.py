@@ -10,7 +10,7 @@ import sys
 import pytest
 from qgis_testlib import CELL, EPSG, IMAGE_COLS, REPO, SCENE_CELLS, X0, Y0
 from test_dock import _fill, _run, dock  # noqa: F401 - the dock fixture and its helpers
-from test_processing import predict_params, provider  # noqa: F401 - the provider fixture
+from test_processing import predict_params
 
 pytestmark = pytest.mark.qgis
 
