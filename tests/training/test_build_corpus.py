@@ -72,6 +72,30 @@ def test_crops_labels_and_scenes(snapshot, tmp_path):
     assert ds.meta["scenes"][0]["scene"] == "scene-a"
 
 
+def test_dihedral_views_are_regions_of_their_own(snapshot, tmp_path):
+    """--views 8: each crop as 4 rotations x (as is, mirrored), each with its own cell_id in the same
+    scene and the crop's label; the pixels are the crop's, turned."""
+    mirror, commit, sha = snapshot
+    build_corpus(_manifest(commit, sha), mirror, tmp_path / "one", log=lambda *a: None)
+    summary = build_corpus(_manifest(commit, sha), mirror, tmp_path / "ds", views=8, log=lambda *a: None)
+    one, ds = RegionDataset(tmp_path / "one"), RegionDataset(tmp_path / "ds")
+    assert summary["crops"] == len(ds) == 8 * len(one)
+    base = one.images[one.index_of("scene-a/0_1")]
+    turned = ds.images[ds.index_of("scene-a/0_1_v1")]
+    assert np.array_equal(turned, np.rot90(base, 1, axes=(0, 1)))
+    mirrored = ds.images[ds.index_of("scene-a/0_1_v4")]
+    assert np.array_equal(mirrored, base[:, ::-1]) and not np.array_equal(mirrored, base)
+    views = {ds.images[ds.index_of(f"scene-a/0_1{'_v%d' % k if k else ''}")].tobytes() for k in range(8)}
+    assert len(views) == 8  # a random image: the eight views all differ
+    frac = dict(zip(ds.cell_ids, ds.labels["building_fraction"]))
+    assert all(frac[f"scene-a/0_0_v{k}"] == pytest.approx(0.75) for k in range(1, 8))
+    from training.finetune.probe import scene_groups
+
+    assert scene_groups(ds)[1] == ["scene-a"]
+    with pytest.raises(InputError, match="--views 3"):
+        build_corpus(_manifest(commit, sha), mirror, tmp_path / "bad", views=3, log=lambda *a: None)
+
+
 def test_resampling_and_partial_edge_crops(snapshot, tmp_path):
     mirror, commit, sha = snapshot
     # 0.5 m -> 1 m halves the image to 48 x 32: two crops, the second flush with the right edge

@@ -23,6 +23,11 @@ from pathlib import Path
 from refound_core.errors import InputError
 
 SOURCE_KEYS = ("id", "repo", "commit", "path", "sha256", "licence", "place", "native_gsd_m")
+# Overhead imagery has no "up": a rotated or mirrored crop is as real a region as the original, and
+# its teacher feature differs (the ImageNet teacher is not rotation invariant), so the dihedral
+# group multiplies a small corpus without inventing pixels. Views k < 4 are rotations by k * 90
+# degrees; k >= 4 mirror left-right first.
+VIEWS = (1, 4, 8)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -41,6 +46,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="step between crops in pixels (default: the manifest's stride_px, else --crop: no overlap)")
     p.add_argument("--min-coverage", type=float, default=0.5,
                    help="drop crops whose share of valid image pixels is below this (default 0.5)")
+    p.add_argument("--views", type=int, choices=list(VIEWS), default=1,
+                   help="dihedral views per crop: 1 = as is (default), 4 = the four 90-degree rotations, "
+                        "8 = rotations and their mirror images. Each view is its own region (cell_id "
+                        "<scene>/<col>_<row>_v<k>), so `refound teachers` caches a teacher target per view")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
 
 
@@ -163,8 +172,17 @@ def iter_crops(image, mask, crop: int, stride: int, min_coverage: float):
             yield col, row, chip, valid, coverage, fraction
 
 
+def dihedral(arr, k: int):
+    """View ``k`` (0-7) of a ``[H, W, ...]`` array: ``k % 4`` quarter turns, mirrored first when ``k >= 4``."""
+    import numpy as np
+
+    if k >= 4:
+        arr = arr[:, ::-1]
+    return np.ascontiguousarray(np.rot90(arr, k % 4, axes=(0, 1)))
+
+
 def build_corpus(manifest: dict, mirror, out, *, gsd=None, crop=None, stride=None, min_coverage: float = 0.5,
-                 overwrite: bool = False, manifest_path: str = "", log=print) -> dict:
+                 views: int = 1, overwrite: bool = False, manifest_path: str = "", log=print) -> dict:
     """Write the region dataset; returns a summary (crops per scene)."""
     import numpy as np
 
@@ -178,12 +196,14 @@ def build_corpus(manifest: dict, mirror, out, *, gsd=None, crop=None, stride=Non
     stride = int(stride or manifest.get("stride_px", crop))
     if crop < 16 or stride < 1:
         raise InputError(f"--crop {crop} / --stride {stride}: the crop must be >= 16 px and the stride >= 1")
+    if views not in VIEWS:
+        raise InputError(f"--views {views}: choose 1 (as is), 4 (rotations) or 8 (rotations and mirror images)")
     label = manifest.get("label")
     cell = crop * gsd
     counts: dict = {}
     scenes = []
     provenance = {"kind": "real imagery", "manifest": manifest_path, "name": manifest.get("name", ""),
-                  "gsd_m": gsd, "crop_px": crop, "stride_px": stride,
+                  "gsd_m": gsd, "crop_px": crop, "stride_px": stride, "views": views,
                   "sources": [{k: s[k] for k in SOURCE_KEYS} | {"attribution": s.get("attribution", "")}
                               for s in manifest["sources"]]}
     with RegionDatasetWriter(out, crs="LOCAL:scene-grid", cell_size=cell, image_size=crop,
@@ -204,22 +224,29 @@ def build_corpus(manifest: dict, mirror, out, *, gsd=None, crop=None, stride=Non
             for col, row, chip, valid, coverage, fraction in iter_crops(image, mask, crop, stride, min_coverage):
                 x0, y1 = si * 1e5 + col * stride * gsd, -row * stride * gsd  # a virtual plane, one strip per scene
                 labels = {} if fraction is None else {label: fraction}
-                writer.add(RegionSample(cell_id=f"{src['id']}/{col}_{row}", bounds=(x0, y1 - cell, x0 + cell, y1),
-                                        crs="LOCAL:scene-grid", poi_names=[], poi_categories=[],
-                                        poi_xy=np.zeros((0, 2)), image=chip, image_coverage=coverage,
-                                        image_valid=valid if coverage < 1 else None, labels=labels),
-                           aux={"scene_index": si})
-                n += 1
+                for k in range(views):
+                    cell_id = f"{src['id']}/{col}_{row}" + (f"_v{k}" if k else "")
+                    writer.add(RegionSample(cell_id=cell_id, bounds=(x0, y1 - cell, x0 + cell, y1),
+                                            crs="LOCAL:scene-grid", poi_names=[], poi_categories=[],
+                                            poi_xy=np.zeros((0, 2)), image=dihedral(chip, k),
+                                            image_coverage=coverage,
+                                            image_valid=dihedral(valid, k) if coverage < 1 else None,
+                                            labels=labels),
+                               aux={"scene_index": si})
+                    n += 1
             counts[src["id"]] = n
             log(f"  {src['id']}: {image.shape[1]}x{image.shape[0]} px at {gsd:g} m -> {n} crops ({src['place']})")
         writer.close(extra_meta={"scenes": scenes})
-    return {"crops": sum(counts.values()), "scenes": len(counts), "per_scene": counts}
+    return {"crops": sum(counts.values()), "scenes": len(counts), "per_scene": counts, "views": views}
 
 
 def run(args) -> int:
     manifest = load_manifest(args.manifest)
     print(f"refound build-corpus: {len(manifest['sources'])} source images from {args.manifest}")
     summary = build_corpus(manifest, args.mirror, args.out, gsd=args.gsd, crop=args.crop, stride=args.stride,
-                           min_coverage=args.min_coverage, overwrite=args.overwrite, manifest_path=str(args.manifest))
-    print(f"refound build-corpus: wrote {summary['crops']} crops from {summary['scenes']} scenes to {args.out}")
+                           min_coverage=args.min_coverage, views=args.views, overwrite=args.overwrite,
+                           manifest_path=str(args.manifest))
+    per_view = f" ({summary['crops'] // args.views} crops x {args.views} views)" if args.views > 1 else ""
+    print(f"refound build-corpus: wrote {summary['crops']} regions{per_view} from {summary['scenes']} scenes "
+          f"to {args.out}")
     return 0
