@@ -38,7 +38,6 @@ import math
 import os
 import shutil
 import time
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
@@ -197,6 +196,38 @@ def _progress(total: int, desc: str, enabled: bool):
     return tqdm(total=total, desc=desc, unit="region", dynamic_ncols=True)
 
 
+ROWS_DONE = "rows_done"  # in a .partial folder: how many leading regions are finished
+
+
+def _rows_done(tmp: Path) -> int:
+    try:
+        return max(0, int((tmp / ROWS_DONE).read_text().strip()))
+    except (OSError, ValueError):
+        return 0
+
+
+def _checkpoint(tmp: Path, rows: int, poi_valid, image_valid, arrays) -> None:
+    """Make the first ``rows`` regions durable, then record the count (rename: never half-written)."""
+    for arr in arrays:
+        if arr is not None:
+            arr.flush()
+    with open(tmp / ".valid.partial.npz.tmp", "wb") as fh:
+        np.savez(fh, poi_valid=poi_valid, image_valid=image_valid)
+    os.replace(tmp / ".valid.partial.npz.tmp", tmp / "valid.partial.npz")
+    (tmp / f".{ROWS_DONE}.tmp").write_text(str(int(rows)))
+    os.replace(tmp / f".{ROWS_DONE}.tmp", tmp / ROWS_DONE)
+
+
+def _truncate_lines(path: Path, keep: int) -> None:
+    """Keep the first ``keep`` lines of a text file (a kill may have left a part of the next batch)."""
+    if not path.exists():
+        return
+    with open(path, "rb") as fh:
+        lines = fh.readlines()[:keep]
+    with open(path, "wb") as fh:
+        fh.writelines(lines)
+
+
 class TeacherCache:
     """Teacher outputs of a dataset, stored under ``dataset_folder/teacher_cache/<identity-hash>/``."""
 
@@ -217,14 +248,22 @@ class TeacherCache:
 
     def get_or_compute(self, samples: Sequence, teachers: Teachers, patches_per_side: int, batch_size: int = 32,
                        dtype: str = "float16", progress: bool = True,
-                       spill_limit_bytes: int = 2 << 30) -> TeacherTargets:
+                       spill_limit_bytes: int = 2 << 30, log_fn=None) -> TeacherTargets:
         """Load the cache for these teachers, computing it first if absent.
 
         ``samples`` is any sequence of ``RegionSample`` (``len`` and ``[i]``). ``patches_per_side``
         is the model's patch grid (``ModelConfig.patches_per_side``): one visual token per patch.
         Patch features for fitting the codebook are kept in a temporary float16 file when they fit
         in ``spill_limit_bytes``, otherwise recomputed in a second pass.
+
+        Resumable: the work lives in ``teacher_cache/.<hash>.partial/`` with the number of finished
+        rows, written after every batch; a killed computation (Ctrl-C, SIGTERM, kill -9) is
+        continued by the next call with the same teachers and data, which says so through
+        ``log_fn``. The folder becomes ``teacher_cache/<hash>/`` only when complete. A second
+        process on the same cache refuses while the first runs (``.<hash>.lock``).
         """
+        from refound_core.data.validate import OutputLock
+
         if np.dtype(dtype) not in (np.float16, np.float32):
             raise InputError(f"teacher cache dtype {dtype!r} is not float16 or float32")
         if patches_per_side < 1:
@@ -235,20 +274,14 @@ class TeacherCache:
             log.info("teacher cache hit: %s", folder)
             return TeacherTargets.open(folder)
         self.root.mkdir(parents=True, exist_ok=True)
-        tmp = self.root / f".{folder.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        tmp.mkdir()
-        try:
-            self._compute(tmp, key, samples, teachers, int(patches_per_side), batch_size, np.dtype(dtype),
-                          progress, spill_limit_bytes)
-            try:
-                os.replace(tmp, folder)
-            except OSError:  # another process finished the same cache first: keep theirs
-                if not (folder / "meta.json").is_file():
-                    raise
-                shutil.rmtree(tmp, ignore_errors=True)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
+        with OutputLock(folder):
+            if not (folder / "meta.json").is_file():  # another run may have finished while we waited
+                partial = self.root / f".{folder.name}.partial"
+                self._compute(partial, key, samples, teachers, int(patches_per_side), batch_size, np.dtype(dtype),
+                              progress, spill_limit_bytes, log_fn or log.info)
+                if folder.exists():  # an incomplete folder of an older version: never complete, replace it
+                    shutil.rmtree(folder)
+                os.replace(partial, folder)
         return TeacherTargets.open(folder)
 
     def _prior_descriptions(self, describer_id: str, dataset: dict) -> Optional[list]:
@@ -266,7 +299,7 @@ class TeacherCache:
         return None
 
     def _compute(self, tmp: Path, key: dict, samples, teachers: Teachers, grid: int, batch_size: int,
-                 dtype: np.dtype, progress: bool, spill_limit_bytes: int) -> None:
+                 dtype: np.dtype, progress: bool, spill_limit_bytes: int, log_fn) -> None:
         from numpy.lib.format import open_memmap
 
         t0 = time.time()
@@ -274,29 +307,51 @@ class TeacherCache:
         tok = teachers.tokenizer
         featurizer = tok.featurizer
         fit = tok.codebook is None
+        spill_ok = fit and n * n_patches * featurizer.feature_dim * 2 <= spill_limit_bytes
+        done = _rows_done(tmp)
+        if done and fit and not spill_ok:
+            # the in-memory codebook sample of the big-dataset path is not on disk: start over
+            log_fn(f"teacher cache: {tmp} cannot be resumed (codebook sample held in memory); starting over")
+            done = 0
+        if not done:
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            log_fn(f"teacher cache: resuming {tmp.name} after {done} of {n} regions")
+        tmp.mkdir(parents=True, exist_ok=True)
         prior = self._prior_descriptions(key["teachers"]["describer"], key["dataset"])
         if prior is not None and len(prior) != n:
             prior = None
 
-        u_P = open_memmap(tmp / "u_P.npy", "w+", dtype, (n, teachers.sentence.dim))
-        u_S = open_memmap(tmp / "u_S.npy", "w+", dtype, (n, teachers.visual.dim))
-        v_S = None if teachers.vl_is_visual else open_memmap(tmp / "v_S.npy", "w+", dtype, (n, teachers.vl.dim))
-        tokens = open_memmap(tmp / "visual_tokens.npy", "w+", np.int16, (n, n_patches))
-        tokens[:] = IGNORE_TOKEN
-        poi_valid = np.zeros(n, dtype=bool)
-        image_valid = np.zeros(n, dtype=bool)
-        spill = None
-        if fit and n * n_patches * featurizer.feature_dim * 2 <= spill_limit_bytes:
-            spill = open_memmap(tmp / "patch_features.tmp.npy", "w+", np.float16, (n, n_patches, featurizer.feature_dim))
+        def mm(name, dt, shape):
+            path = tmp / name
+            return open_memmap(path, "r+") if done else open_memmap(path, "w+", dt, shape)
+
+        u_P = mm("u_P.npy", dtype, (n, teachers.sentence.dim))
+        u_S = mm("u_S.npy", dtype, (n, teachers.visual.dim))
+        v_S = None if teachers.vl_is_visual else mm("v_S.npy", dtype, (n, teachers.vl.dim))
+        tokens = mm("visual_tokens.npy", np.int16, (n, n_patches))
+        spill = mm("patch_features.tmp.npy", np.float16, (n, n_patches, featurizer.feature_dim)) if spill_ok else None
+        if done:
+            flags = np.load(tmp / "valid.partial.npz")
+            poi_valid, image_valid = flags["poi_valid"].copy(), flags["image_valid"].copy()
+        else:
+            tokens[:] = IGNORE_TOKEN
+            poi_valid = np.zeros(n, dtype=bool)
+            image_valid = np.zeros(n, dtype=bool)
         rng = np.random.default_rng(tok.seed)
         per_image = max(1, math.ceil(tok.max_fit_vectors / max(n, 1)))
         fit_parts = []
         cells = hashlib.sha256()
+        ids = getattr(samples, "cell_ids", None)
+        for i in range(done):  # the finished rows' ids, without reading their images
+            cells.update(str(ids[i] if ids is not None else samples[i].cell_id).encode("utf-8") + b"\0")
         reused = prior is not None
+        _truncate_lines(tmp / "descriptions.jsonl", done)
 
         bar = _progress(n, "teachers", progress)
-        with open(tmp / "descriptions.jsonl", "w", encoding="utf-8") as desc_fh:
-            for start in range(0, n, batch_size):
+        bar.update(done)
+        with open(tmp / "descriptions.jsonl", "a", encoding="utf-8") as desc_fh:
+            for start in range(done, n, batch_size):
                 idx = list(range(start, min(n, start + batch_size)))
                 batch = [samples[i] for i in idx]
                 for s in batch:
@@ -334,6 +389,8 @@ class TeacherCache:
                             keep = np.sort(rng.choice(n_patches, min(per_image, n_patches), replace=False))
                             fit_parts.append(f[keep].astype(np.float16))
                     image_valid[rows] = True
+                desc_fh.flush()
+                _checkpoint(tmp, idx[-1] + 1, poi_valid, image_valid, (u_P, u_S, v_S, tokens, spill))
                 bar.update(len(idx))
         bar.close()
 
@@ -369,6 +426,8 @@ class TeacherCache:
                 arr.flush()
         np.save(tmp / "poi_valid.npy", poi_valid)
         np.save(tmp / "image_valid.npy", image_valid)
+        for name in (ROWS_DONE, "valid.partial.npz"):
+            (tmp / name).unlink(missing_ok=True)
         meta = {
             "format": CACHE_FORMAT,
             "key": key,
@@ -384,6 +443,7 @@ class TeacherCache:
             "counts": {"poi_valid": int(poi_valid.sum()), "image_valid": int(image_valid.sum())},
             "cell_ids_sha256": cells.hexdigest(),
             "descriptions_reused": reused,
+            "resumed_after_rows": done,
             "seconds": round(time.time() - t0, 2),
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }

@@ -121,16 +121,33 @@ def test_fixed_codebook_is_used_as_is(tmp_path, samples):
     np.testing.assert_array_equal(out.visual_tokens, fitted.visual_tokens)
 
 
-def test_failed_computation_leaves_nothing(tmp_path, samples):
+def test_failed_computation_leaves_no_cache_and_resumes(tmp_path, samples):
+    """A teacher that fails mid-way: no cache folder that looks complete, no lock; only the hidden
+    .partial folder, from which the next call continues (and ends with the same targets)."""
     t = stub_teachers()
+    real = t.visual.embed_images
+    calls = []
 
-    def boom(images):
-        raise RuntimeError("teacher crashed")
+    def boom_on_second_batch(images):
+        calls.append(len(images))
+        if len(calls) == 2:
+            raise RuntimeError("teacher crashed")
+        return real(images)
 
-    t.visual.embed_images = boom
+    t.visual.embed_images = boom_on_second_batch
     with pytest.raises(RuntimeError):
-        TeacherCache(tmp_path).get_or_compute(samples, t, 4, progress=False)
-    assert list((tmp_path / "teacher_cache").iterdir()) == []
+        TeacherCache(tmp_path).get_or_compute(samples, t, 4, batch_size=4, progress=False)
+    left = sorted(p.name for p in (tmp_path / "teacher_cache").iterdir())
+    assert len(left) == 1 and left[0].endswith(".partial") and left[0].startswith(".")
+    messages = []
+    t.visual.embed_images = real
+    out = TeacherCache(tmp_path).get_or_compute(samples, t, 4, batch_size=4, progress=False, log_fn=messages.append)
+    assert out.meta["resumed_after_rows"] == 4 and any("resuming" in m for m in messages)
+    fresh = TeacherCache(tmp_path / "fresh").get_or_compute(samples, stub_teachers(), 4, batch_size=4,
+                                                            progress=False)
+    np.testing.assert_array_equal(np.asarray(out.u_S), np.asarray(fresh.u_S))
+    np.testing.assert_array_equal(np.asarray(out.visual_tokens), np.asarray(fresh.visual_tokens))
+    assert sorted(p.name for p in (tmp_path / "teacher_cache").iterdir()) == [out.folder.name]
     with pytest.raises(InputError):
         TeacherTargets.open(tmp_path / "teacher_cache" / "nothing")
     with pytest.raises(InputError):

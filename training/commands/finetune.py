@@ -1,5 +1,10 @@
 """``refound finetune``: train a task head (and, by default, the whole backbone) on a region
-dataset and write a checkpoint that ``refound predict``, ``refound serve`` and the plugin load."""
+dataset and write a checkpoint that ``refound predict``, ``refound serve`` and the plugin load.
+
+Resumable: while it trains, ``OUT.partial/`` holds the arguments and the state after the last
+finished epoch. A killed run (Ctrl-C, SIGTERM, kill -9) is continued by the same command; the
+folder is removed once the checkpoint is written. ``OUT`` itself appears only when complete.
+"""
 from __future__ import annotations
 
 import argparse
@@ -27,37 +32,87 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--layer-decay", type=float, default=0.75, help="layer-wise lr decay ratio (paper: 0.75)")
     p.add_argument("--seed", type=int, default=0, help="seed of the train/val/test split and of training")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    p.add_argument("--out", required=True, help="output checkpoint folder (must not exist)")
+    p.add_argument("--out", required=True,
+                   help="output checkpoint folder (must not exist); a killed run left OUT.partial/, and the "
+                        "same command resumes from its last finished epoch")
+    p.add_argument("--restart", action="store_true",
+                   help="discard OUT.partial/ of an earlier killed run and train from epoch 1")
+
+
+# arguments that change what is trained: a resumed run must match them
+_RESUME_KEYS = ("checkpoint", "data", "task", "task_kind", "label", "num_classes", "log_target", "mode",
+                "epochs", "warmup_epochs", "lr", "batch_size", "fusion", "layer_decay", "seed")
+
+
+def _resume_folder(args):
+    """``OUT.partial``: created with the arguments, or an earlier one checked against them."""
+    import json
+    import shutil
+    from pathlib import Path
+
+    from refound_core.errors import InputError
+
+    folder = Path(f"{args.out}.partial")
+    wanted = {k: getattr(args, k, None) for k in _RESUME_KEYS}
+    if folder.is_dir() and args.restart:
+        shutil.rmtree(folder)
+    if folder.is_dir():
+        try:
+            earlier = json.loads((folder / "args.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            earlier = None
+        if earlier != wanted:
+            diff = sorted(k for k in _RESUME_KEYS if (earlier or {}).get(k) != wanted[k]) if earlier else ["args.json"]
+            raise InputError(f"{folder} holds a killed fine-tuning run with other settings ({', '.join(diff)} "
+                             "differ); run the same command again to resume it, or pass --restart to start over")
+        return folder, True
+    folder.mkdir(parents=True)
+    tmp = folder / ".args.json.tmp"
+    tmp.write_text(json.dumps(wanted, indent=1), encoding="utf-8")
+    tmp.replace(folder / "args.json")
+    return folder, False
 
 
 def run(args) -> int:
     from pathlib import Path
 
     from refound_core.data.dataset import RegionDataset
+    from refound_core.data.validate import OutputLock
     from refound_core.errors import InputError
+
+    if Path(args.out).exists():
+        raise InputError(f"--out {args.out} already exists; choose a new folder (checkpoints are never overwritten)")
+    if args.warmup_epochs < 0:
+        raise InputError(f"--warmup-epochs must be 0 or more, got {args.warmup_epochs}")
+    ds = RegionDataset(args.data)
+    with OutputLock(args.out):
+        return _run(args, ds)
+
+
+def _run(args, ds) -> int:
+    import shutil
+
     from refound_core.model.checkpoint import save_checkpoint
+    from training.device import resolve_device
     from training.finetune.evaluate import make_split
     from training.finetune.methods import EvalContext, labels_of
     from training.finetune.metrics import task_metrics
     from training.finetune.refound_methods import ReFoundFT, ReFoundLinear
     from training.finetune.tasks import task_for_dataset
-    from training.device import resolve_device
 
-    if Path(args.out).exists():
-        raise InputError(f"--out {args.out} already exists; choose a new folder (checkpoints are never overwritten)")
     log_target = None if args.log_target is None else args.log_target == "yes"
-    if args.warmup_epochs < 0:
-        raise InputError(f"--warmup-epochs must be 0 or more, got {args.warmup_epochs}")
-    ds = RegionDataset(args.data)
     task = task_for_dataset(args.task, ds, kind=args.task_kind, label=args.label, log_target=log_target,
                             num_classes=args.num_classes)
     device = resolve_device(args.device)
     linear = args.mode == "linear"
     epochs = args.epochs if args.epochs is not None else (40 if linear else 30)  # 0 is refused by the parser
+    partial, resumed = _resume_folder(args)
+    if resumed:
+        print(f"resuming the killed run kept in {partial} (--restart starts over)")
     ctx = EvalContext(dataset=ds, checkpoint=args.checkpoint, device=device, epochs=epochs,
                       batch_size=args.batch_size, lr=args.lr, warmup_epochs=args.warmup_epochs,
                       options={"fusion": args.fusion, "layer_decay": args.layer_decay,
-                               "feature_epochs": epochs, "log": print})
+                               "feature_epochs": epochs, "log": print, "state_path": partial / "state.pt"})
     y = labels_of(ds, task)
     split = make_split(y, args.seed, kind=task.kind)
     print(f"{task.name} ({task.kind}) on {ds}: train/val/test {len(split.train)}/{len(split.val)}/{len(split.test)}, "
@@ -83,5 +138,6 @@ def run(args) -> int:
     extra = {k: v for k, v in files.items() if k not in ("tokenizer", "category_vocab", "codebook")}
     save_checkpoint(args.out, backbone.cpu(), head.cpu(), task=meta, tokenizer_dir=files.get("tokenizer"),
                     category_vocab=files.get("category_vocab"), extra_files=extra or None, provenance=prov)
+    shutil.rmtree(partial, ignore_errors=True)
     print(f"wrote {args.out}")
     return 0

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 
 from refound_core.data.validate import positive_int
 
@@ -134,7 +135,7 @@ def run(args) -> int:
     cache = TeacherCache(args.data)
     existed = cache.load(dataset, teachers, grid, args.dtype) is not None
     targets = cache.get_or_compute(dataset, teachers, grid, batch_size=args.batch_size, dtype=args.dtype,
-                                   progress=not args.no_progress)
+                                   progress=not args.no_progress, log_fn=lambda m: print(m, file=sys.stderr))
     meta = targets.meta
     summary = {
         "cache": str(targets.folder), "reused": existed, "regions": meta["n"], "patches_per_side": grid,

@@ -2,12 +2,19 @@
 comparison differs only in the model: AdamW (beta 0.9/0.999, weight decay 0.01), linear warm-up
 over the first 3 epochs then linear decay (paper A.2.2/A.2.3), selection of the best epoch on
 validation by the task's primary metric, predictions of that epoch for validation and test.
+
+With ``state_path`` the loop is resumable: after every epoch it writes (atomically) the model,
+optimizer, schedule, RNG and best-epoch state, and a later call with the same arguments starts
+after the last finished epoch. Batches are seeded by (seed, epoch), so a resumed run sees the
+same data order as an uninterrupted one.
 """
 from __future__ import annotations
 
 import copy
 import math
+import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Iterable, Optional
 
 import numpy as np
@@ -92,6 +99,7 @@ def fit_and_select(
     clip: float = 1.0,
     seed: int = 0,
     log: Optional[Callable[[str], None]] = None,
+    state_path=None,
 ) -> tuple:
     """Train, select on validation, predict.
 
@@ -102,6 +110,7 @@ def fit_and_select(
         batches: ``(indices, shuffle, epoch) -> iterable of (batch, positions)`` where
             ``positions`` index into ``indices`` (batches may reorder regions, e.g. by length).
         y: labels of all regions (original units), indexed by dataset index.
+        state_path: file of the resumable state (written after every epoch; read when present).
     Returns:
         ``(MethodResult, best_state_dict, scaler)``.
     """
@@ -120,7 +129,18 @@ def fit_and_select(
 
     best, best_state, best_epoch, history = None, None, -1, []
     best_preds = None
-    for epoch in range(epochs):
+    start = 0
+    if state_path is not None and Path(state_path).is_file():
+        st = torch.load(state_path, map_location="cpu", weights_only=False)  # our own file, see _save_state
+        model.load_state_dict(st["model"])
+        optimizer.load_state_dict(st["optimizer"])
+        sched.load_state_dict(st["sched"])
+        torch.set_rng_state(st["torch_rng"])
+        best, best_state, best_epoch = st["best"], st["best_state"], st["best_epoch"]
+        best_preds, history, start = st["best_preds"], st["history"], st["epoch"] + 1
+        if log:
+            log(f"resuming after epoch {start}/{epochs} (state {state_path})")
+    for epoch in range(start, epochs):
         model.train()
         total, count = 0.0, 0
         for batch, pos in batches(train_idx, True, epoch):
@@ -147,9 +167,23 @@ def fit_and_select(
             best, best_epoch = val_metrics, epoch
             best_state = copy.deepcopy({k: v.detach().cpu() for k, v in model.state_dict().items()})
             best_preds = val_pred
+        if state_path is not None:
+            _save_state(state_path, {
+                "epoch": epoch, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                "sched": sched.state_dict(), "torch_rng": torch.get_rng_state(), "best": best,
+                "best_state": best_state, "best_epoch": best_epoch, "best_preds": best_preds, "history": history})
     model.load_state_dict(best_state)
     test_pred = predict(model, forward, batches, test_idx, task, scaler)
     return MethodResult(val_pred=best_preds, test_pred=test_pred, best_epoch=best_epoch, history=history), best_state, scaler
+
+
+def _save_state(path, state: dict) -> None:
+    """torch.save to a temp file in the same folder, then rename: a kill mid-write keeps the last state."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
 
 
 @torch.no_grad()

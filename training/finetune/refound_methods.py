@@ -65,7 +65,7 @@ class _ReFoundFineTune(Method):
         result, state, scaler = fit_and_select(
             model, groups, forward, batches, task, y, split.train, split.val, split.test,
             epochs=ctx.epochs, lr=ctx.lr or self.default_lr, warmup_epochs=ctx.warmup_epochs, seed=seed,
-            log=ctx.options.get("log"))
+            log=ctx.options.get("log"), state_path=ctx.options.get("state_path"))
         return result, (model, loaded, fusion), scaler
 
 
@@ -165,7 +165,8 @@ class _ReFoundFeatureBased(Method):
         result, _, scaler = fit_and_select(head, params, forward, batches, task, y, split.train, split.val,
                                            split.test, epochs=ctx.options.get("feature_epochs", 40),
                                            lr=ctx.lr or self.default_lr, warmup_epochs=ctx.warmup_epochs,
-                                           seed=seed, log=ctx.options.get("log"))
+                                           seed=seed, log=ctx.options.get("log"),
+                                           state_path=ctx.options.get("state_path"))
         fold_token_standardization(head, mu, sigma)
         return result, head, scaler
 
