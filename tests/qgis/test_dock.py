@@ -135,6 +135,39 @@ def test_dock_population_to_geopackage(qtbot, dock, project, scene_layers, check
     assert [p for p in os.listdir(tmp_path) if p.startswith(".")] == []  # no temp leftovers
 
 
+def test_normal_run_leaves_no_warning_anywhere(qtbot, dock, project, scene_layers, checkpoints, tmp_path, capfd):
+    """A normal analysis to a styled GeoPackage: no warning or error in QGIS's message log (any
+    tag: ReFound, GDAL, OGR, Python), no Python warning, nothing from GDAL on stderr (the
+    'styleName has N characters' warning was printed on every styled write)."""
+    import warnings
+
+    from qgis.core import Qgis, QgsApplication
+
+    seen = []
+
+    def on_message(message, tag, level):
+        if level in (Qgis.Warning, Qgis.Critical):
+            seen.append((tag, message))
+
+    log = QgsApplication.messageLog()
+    log.messageReceived.connect(on_message)
+    pois, img = scene_layers
+    capfd.readouterr()
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            _fill(dock, pois, img, checkpoints["population"], "population", str(tmp_path / "pop.gpkg"))
+            layer, message = _run(qtbot, dock)
+            qtbot.wait(50)  # deliver queued log messages
+    finally:
+        log.messageReceived.disconnect(on_message)
+    assert layer is not None, message
+    assert seen == []
+    assert [f"{w.category.__name__}: {w.message}" for w in caught] == []
+    err = capfd.readouterr().err
+    assert "Warning" not in err and "ERROR" not in err and "styleName" not in err, err
+
+
 def test_field_mapping_remembered_per_layer(qtbot, dock, scene_layers):
     from qgis.core import QgsVectorLayer
 
@@ -168,8 +201,15 @@ def test_cancel_leaves_no_layer_and_no_file(qtbot, dock, project, scene_layers, 
 
     monkeypatch.setattr(QgisCellSource, "read_block", read_then_cancel)
     before = set(_layers(project))
+    from qgis.core import Qgis, QgsApplication
+
+    failures = []
+    QgsApplication.messageLog().messageReceived.connect(
+        lambda m, tag, level: failures.append(m) if level >= Qgis.Warning else None)
     layer, message = _run(qtbot, dock)
     assert layer is None and "canceled" in message.lower()
+    assert "failed" not in message.lower() and failures == []  # a cancel is reported as a cancel
+    assert dock.progress_bar.value() == 0  # no stale progress after the cancel
     assert set(_layers(project)) == before
     assert not out.exists() and os.listdir(tmp_path) == []
 
