@@ -206,14 +206,26 @@ class ExplorePanel(QWidget):
 
 
 def add_tabs(dock, body):
-    """The dock's tabs: ``body`` (Analyze) and the Explore panel; ``(tabs, explore_panel)``."""
-    from qgis.PyQt.QtWidgets import QTabWidget
+    """The dock's tabs: ``body`` (Analyze) and the Explore panel; ``(tabs, explore_panel)``.
+
+    Labels are never cut, however narrow the user drags the panel: form rows wrap their field
+    below a label that does not fit beside it, and each tab scrolls instead of squeezing."""
+    from qgis.PyQt.QtWidgets import QFrame, QScrollArea, QTabWidget
 
     from .settings import tr
 
+    def scrollable(page):
+        for form in page.findChildren(QFormLayout):
+            form.setRowWrapPolicy(QFormLayout.RowWrapPolicy.WrapLongRows)
+        area = QScrollArea(tabs)
+        area.setWidgetResizable(True)
+        area.setFrameShape(QFrame.Shape.NoFrame)
+        area.setWidget(page)
+        return area
+
     tabs = QTabWidget(dock)
-    tabs.addTab(body, tr("Analyze"))
+    tabs.addTab(scrollable(body), tr("Analyze"))
     panel = ExplorePanel(dock.iface, tabs)
-    tabs.addTab(panel, tr("Explore"))
+    tabs.addTab(scrollable(panel), tr("Explore"))
     dock.setWidget(tabs)
     return tabs, panel

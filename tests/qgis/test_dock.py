@@ -293,3 +293,32 @@ def test_block_size_does_not_change_results(project, scene_layers, checkpoints, 
     for k in a:  # other batch compositions pad differently: equal up to bf16 rounding
         assert a[k] == pytest.approx(b[k], rel=1e-4)
     assert progress == sorted(progress) and progress[-1] == 1.0
+
+
+@pytest.mark.parametrize("width", [240, 420])
+def test_narrow_panel_cuts_no_label(qtbot, dock, width):
+    """The panel can be dragged narrow (it used to insist on ~455 px and squeeze the map canvas, or
+    have its labels cut where the dock area was narrower): each tab scrolls, form rows wrap their
+    field below the label, and every label is drawn at its full width inside the scrollable area."""
+    from qgis.PyQt.QtWidgets import QLabel, QScrollArea
+
+    dock.show()
+    dock.resize(width, 700)
+    qtbot.wait(50)
+    assert dock.width() <= width + 10
+    areas = [dock.tabs.widget(i) for i in range(dock.tabs.count())]
+    assert len(areas) == 2 and all(isinstance(a, QScrollArea) and a.widgetResizable() for a in areas)
+    checked = 0
+    for area in areas:
+        dock.tabs.setCurrentWidget(area)
+        qtbot.wait(20)
+        reach = area.viewport().width() + area.horizontalScrollBar().maximum()
+        for label in area.widget().findChildren(QLabel):
+            if not (label.text() and label.isVisibleTo(dock)):
+                continue
+            right = label.mapTo(area.widget(), label.rect().topRight()).x()
+            assert right <= reach, (label.text(), right, reach)  # reachable, never clipped away
+            if not label.wordWrap():
+                assert label.width() >= label.sizeHint().width(), (label.text(), label.width())
+            checked += 1
+    assert checked >= 10
