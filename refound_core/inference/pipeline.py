@@ -87,6 +87,7 @@ class AnalysisRequest:
     imagery: Optional[str] = None
     device: str = "auto"
     batch_size: Optional[int] = None
+    int8: bool = False  # CPU int8 dynamic quantisation (Predictor(int8=True))
     embeddings: tuple = ("h_P", "h_S", "fused")
     predictor: object = None
     block_cells: Optional[int] = None  # None = BLOCK_CELLS
@@ -200,7 +201,7 @@ def _load_model(request: AnalysisRequest, world: int, local_rank: int, timer: _T
             device = f"cuda:{local_rank}"
     t0 = time.perf_counter()
     model = load_predictor(request.checkpoint, device=device, batch_size=request.batch_size,
-                           min_image_coverage=request.min_image_coverage)
+                           min_image_coverage=request.min_image_coverage, int8=request.int8)
     timer.add("load", time.perf_counter() - t0)
     return model
 

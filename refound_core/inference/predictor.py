@@ -100,6 +100,9 @@ class Predictor:
         checkpoint_dir: folder written by ``refound_core.model.checkpoint.save_checkpoint``.
         device: ``auto`` (CUDA when present, else CPU with a notice), ``cpu``, ``cuda``, ``cuda:N``.
         batch_size: regions per forward pass; default 64 on CUDA, 16 on the CPU.
+        int8: run the backbone's Linear layers int8 dynamic quantised (CPU only,
+            ``refound_core.model.speed.quantize_int8``): about 1.4x faster on a 2-core CPU, at an
+            accuracy cost measured in docs/BENCHMARKS.md; autocast is off (int8 replaces bf16).
 
     Attributes:
         timings: seconds spent per stage (``featurize``, ``model``) and counters, accumulated
@@ -108,7 +111,7 @@ class Predictor:
     """
 
     def __init__(self, checkpoint_dir, device: str = "auto", batch_size: Optional[int] = None,
-                 min_image_coverage: Optional[float] = None):
+                 min_image_coverage: Optional[float] = None, int8: bool = False):
         import torch
 
         self._modality = {"image": 0, "poi_only": 0}
@@ -127,6 +130,17 @@ class Predictor:
         self.model = ckpt.model.to(self.device).eval()
         self.head = ckpt.head.to(self.device).eval() if ckpt.head is not None else None
         self.precision = choose_precision(self.device)
+        if int8:
+            if self.device.type != "cpu":
+                raise InputError(f"int8 inference runs on the CPU only, not on {self.device}; pass --device cpu "
+                                 "or drop --int8 (on a GPU bf16 is the fast path)")
+            from refound_core.model.precision import PrecisionChoice
+            from refound_core.model.speed import quantize_int8
+
+            self.model = quantize_int8(self.model)
+            self.precision = PrecisionChoice("cpu", "float32", "int8 dynamic quantisation of the Linear layers "
+                                                        "(--int8); activations float32, autocast off")
+        self.int8 = bool(int8)
         if batch_size is not None and int(batch_size) < 1:
             raise InputError(f"batch size {batch_size} must be a positive integer")
         self.batch_size = int(batch_size or DEFAULT_BATCH_SIZE.get(self.device.type, 16))
@@ -195,7 +209,7 @@ class Predictor:
             "head": self.head.spec() if self.head is not None else None,
             "device": str(self.device),
             "device_name": torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu",
-            "precision": self.precision.dtype_name,
+            "precision": "int8-dynamic" if self.int8 else self.precision.dtype_name,
             "precision_reason": self.precision.reason,
             "batch_size": self.batch_size,
             "versions": {"refound": refound_core.__version__, "torch": torch.__version__,
@@ -372,7 +386,7 @@ _CACHE_LOCK = threading.Lock()
 
 
 def load_predictor(checkpoint_dir, device: str = "auto", batch_size: Optional[int] = None,
-                   min_image_coverage: Optional[float] = None) -> "Predictor":
+                   min_image_coverage: Optional[float] = None, int8: bool = False) -> "Predictor":
     """A Predictor loaded once per process and reused (the plugin and the Processing algorithms
     call ``run_analysis`` many times; loading refound_base takes seconds).
 
@@ -385,12 +399,13 @@ def load_predictor(checkpoint_dir, device: str = "auto", batch_size: Optional[in
         stamp = (path / "config.json").stat().st_mtime_ns
     except OSError:
         stamp = None  # let Predictor report the missing/damaged checkpoint
-    key = (str(path), stamp, (device or "auto").lower(), min_image_coverage)
+    key = (str(path), stamp, (device or "auto").lower(), min_image_coverage, bool(int8))
     with _CACHE_LOCK:
         pred = _CACHE.get(key)
         if pred is None:
             _CACHE.clear()
-            pred = Predictor(path, device=device, batch_size=batch_size, min_image_coverage=min_image_coverage)
+            pred = Predictor(path, device=device, batch_size=batch_size, min_image_coverage=min_image_coverage,
+                             int8=int8)
             if stamp is not None:
                 _CACHE[key] = pred
         elif batch_size:

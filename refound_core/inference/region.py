@@ -50,7 +50,8 @@ def _fingerprint(request, imagery, model, info, plan, shard_cells) -> dict:
                        if request.aoi else None,
                        "extent": None if request.aoi else [list(request.extent or ()), request.extent_crs]},
             "embeddings": list(request.embeddings) if request.task == "embed" else None,
-            "min_image_coverage": getattr(model, "min_image_coverage", request.min_image_coverage)}
+            "min_image_coverage": getattr(model, "min_image_coverage", request.min_image_coverage),
+            "int8": bool(request.int8)}  # quantised shards differ from float ones: never mixed in one run
 
 
 def _run_info(request, info, crs, task):

@@ -163,3 +163,29 @@ def test_inverse_target_follows_finetune_metadata():
                                                    "log_target": True}), np.expm1([2.0, 2.5, 1.5]))
     np.testing.assert_allclose(_inverse_target(v, {"kind": "regression"}), v)
     np.testing.assert_allclose(_inverse_target(v, {"kind": "binary", "target_scaler": {"mean": 9, "std": 9}}), v)
+
+
+def test_int8_predictor_is_quantised_close_to_fp32_and_says_so(uv_checkpoint):
+    """--int8: the Linear layers really run int8 (the module types change), predictions stay near
+    the float32 ones without being identical, describe() names it, and a GPU is refused."""
+    samples = _samples(12)
+    fp32 = Predictor(uv_checkpoint, device="cpu", batch_size=4)
+    q = Predictor(uv_checkpoint, device="cpu", batch_size=4, int8=True)
+    assert q.describe()["precision"] == "int8-dynamic" and not q.precision.enabled
+    kinds = {type(m).__module__ for m in q.model.modules()}
+    assert any("quantized" in k for k in kinds), kinds
+    a = np.array([r.value for r in fp32.predict_samples(samples) if r.sufficient])
+    b = np.array([r.value for r in q.predict_samples(samples) if r.sufficient])
+    assert a.shape == b.shape and np.all((b >= 0) & (b <= 1))
+    assert np.max(np.abs(a - b)) < 0.05 and not np.array_equal(a, b)
+    with pytest.raises(InputError, match="CPU only"):
+        _raise_cuda_int8(uv_checkpoint)
+
+
+def _raise_cuda_int8(checkpoint):
+    """Whether or not a GPU is present: the device resolves to CUDA, so the int8 check is reached."""
+    import unittest.mock as mock
+
+    with mock.patch.object(predictor_mod, "resolve_device", return_value=(torch.device("cuda"), None)), \
+            mock.patch.object(torch.nn.Module, "to", lambda self, *a, **k: self):
+        Predictor(checkpoint, device="cuda", int8=True)

@@ -107,3 +107,32 @@ def test_ddp_two_cpu_processes_write_one_checkpoint(tmp_path, pretrain_ds):
     assert not [p for p in out.parent.iterdir() if p.name.startswith(".")]  # no temp folders left
     from refound_core.model.checkpoint import load_checkpoint
     assert load_checkpoint(out).config.name == "refound_tiny"
+
+
+@pytest.mark.slow
+def test_resume_with_another_number_of_processes(tmp_path, pretrain_ds):
+    """Elastic resume: a run of one process, killed (here: stopped at a saved state), continued by
+    torchrun with two. It says the global batch changed, logs every step once, and writes one
+    checkpoint; the state written by two ranks resumes again with one."""
+    launcher = tmp_path / "refound_main.py"
+    launcher.write_text(LAUNCHER)
+    out = tmp_path / "elastic"
+    one = subprocess.run([sys.executable, str(launcher), *_args(pretrain_ds, out, 2), "--workers", "0"],
+                         cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          str(launcher), "pretrain", "--out", str(out), "--resume", "--steps", "4", "--workers", "0"],
+                         cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
+    assert two.returncode == 0, two.stdout[-2000:] + two.stderr[-3000:]
+    assert "resuming a run of 1 process(es) with 2" in two.stdout and "global batch becomes 16" in two.stdout
+    state = json.loads((out / "training" / "state" / "latest.json").read_text())
+    meta = json.loads((out / "training" / "state" / state["dir"] / "state.json").read_text())
+    assert meta["world_size"] == 2 and meta["step"] == 4
+    # 40 regions: steps 1-2 took 16 (one process x 8), steps 3-4 take 2 x 16 = 32 > 24 left, so
+    # step 3 ends epoch 0 (24 // 16 = 1 whole step) and step 4 opens epoch 1
+    assert meta["counters"]["epoch"] == 1 and meta["counters"]["consumed"] == 16
+    back = subprocess.run([sys.executable, str(launcher), "pretrain", "--out", str(out), "--resume", "--steps", "5",
+                           "--workers", "0"], cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
+    assert back.returncode == 0, back.stderr[-3000:]
+    assert [r["step"] for r in read_log(out / "training")] == [1, 2, 3, 4, 5]
+    assert (out / "model.safetensors").exists()

@@ -258,22 +258,40 @@ class PretrainCollator:
 
 
 class ResumableSampler(DistributedSampler):
-    """``DistributedSampler`` that skips the first ``start_index`` samples of this rank's epoch slice."""
+    """``DistributedSampler`` that can start in the middle of an epoch, counted in samples of the
+    whole epoch (all ranks together), so a run may resume with another number of processes.
+
+    The epoch's permutation of all regions depends on (seed, epoch) only; rank ``r`` of ``W`` takes
+    every W-th region of it. After k samples per rank the ranks have consumed exactly the first
+    k * W regions of the permutation, whatever W was, so ``set_start(consumed)`` deals the rest of
+    the same permutation to the ranks of *this* run (torch elastic's view of a job: the data
+    position is global, not per rank). With an unchanged W the order is the uninterrupted one.
+    """
 
     def __init__(self, num_samples: int, *, num_replicas: int = 1, rank: int = 0, shuffle: bool = True,
                  seed: int = 0):
         super().__init__(range(num_samples), num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed,
                          drop_last=True)
-        self.start_index = 0
+        self.consumed = 0
 
-    def set_start(self, start_index: int) -> None:
-        self.start_index = int(start_index)
+    def set_start(self, consumed: int) -> None:
+        """Skip the first ``consumed`` regions of the epoch's permutation (all ranks together)."""
+        self.consumed = int(consumed)
+
+    def _order(self) -> list:
+        if self.shuffle:
+            g = torch.Generator()
+            g.manual_seed(self.seed + self.epoch)  # DistributedSampler's permutation
+            return torch.randperm(len(self.dataset), generator=g).tolist()
+        return list(range(len(self.dataset)))
 
     def __iter__(self):
-        return iter(list(super().__iter__())[self.start_index:])
+        rest = self._order()[self.consumed:]
+        per_rank = len(rest) // self.num_replicas
+        return iter(rest[self.rank::self.num_replicas][:per_rank])
 
     def __len__(self) -> int:
-        return max(0, self.num_samples - self.start_index)
+        return max(0, (len(self.dataset) - self.consumed) // self.num_replicas)
 
 
 def default_workers(device: torch.device, world_size: int = 1) -> int:

@@ -25,7 +25,12 @@ Folder written under ``--out CKPT``::
 
 Resume (``--resume``) restores weights, optimizer, the step counter, every RNG and the position
 inside the epoch; data order and masks are functions of (seed, epoch, index), so a run killed
-with SIGKILL and resumed logs the same losses as an uninterrupted one.
+with SIGKILL and resumed logs the same losses as an uninterrupted one. The position is kept as
+regions of the epoch consumed by all processes together (``ResumableSampler``), so a run may also
+resume with a different number of processes, as torch elastic allows: weights and optimizer are
+the same on every rank, the rest of the epoch's permutation is dealt to the new ranks, ranks
+without a saved RNG stream get a fresh one seeded from (seed, step, rank), and the global batch
+(``--batch-size`` x processes) changes with the count (the run says so; the schedule keeps its steps).
 """
 from __future__ import annotations
 
@@ -49,7 +54,7 @@ from refound_core.config_keys import unknown_keys
 from refound_core.errors import InputError
 from refound_core.losses import LossConfig, PretrainHeads, compute_losses
 from training.pretrain import distributed as D
-from training.pretrain.data import (PretrainCollator, PretrainData, PretrainDataset, ResumableSampler,
+from training.pretrain.data import (PretrainCollator, PretrainData, PretrainDataset, ResumableSampler, _seed_of,
                                     default_workers, make_loader)
 from training.pretrain.logging import TrainLogger
 
@@ -299,15 +304,22 @@ def load_state(path: Path, module: nn.Module, optimizer, info: D.DistInfo) -> di
     meta = json.loads((path / "state.json").read_text(encoding="utf-8"))
     if meta.get("format") != STATE_FORMAT:
         raise InputError(f"training state {path} has format {meta.get('format')}, expected {STATE_FORMAT}")
-    if meta["world_size"] != info.world_size:
-        raise InputError(f"training state {path} was written by {meta['world_size']} processes, this run has "
-                         f"{info.world_size}; resume with the same number of processes (the data order depends on it)")
+    if meta["world_size"] != info.world_size and "epoch" not in meta.get("counters", {}):
+        raise InputError(f"training state {path} was written by {meta['world_size']} processes by an older version "
+                         f"that kept the data position per process; this run has {info.world_size}: resume it "
+                         "with the same number of processes")
     weights = load_file(str(path / "weights.safetensors"), device=str(info.device))
     module.load_state_dict(weights, strict=True)
     optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location=info.device, weights_only=True))
     rng_file = path / f"rng-rank{info.rank}.safetensors"
-    extra = json.loads((path / f"rng-rank{info.rank}.json").read_text(encoding="utf-8"))
-    _set_rng_state(load_file(str(rng_file)), extra, info.device)
+    if rng_file.is_file():
+        extra = json.loads((path / f"rng-rank{info.rank}.json").read_text(encoding="utf-8"))
+        _set_rng_state(load_file(str(rng_file)), extra, info.device)
+    else:  # a rank the saved run did not have (resumed with more processes): a fresh, seeded stream
+        seed = _seed_of(int(meta["config"].get("seed", 0)), int(meta["step"]), info.rank)
+        torch.manual_seed(seed)
+        np.random.seed(seed % (1 << 32))
+        random.seed(seed)
     return meta
 
 
@@ -471,12 +483,20 @@ def _train(cfg: TrainConfig, info: D.DistInfo, resume: bool) -> TrainResult:
     warmup = int(cfg.warmup_steps) if cfg.warmup_steps is not None else int(round(cfg.warmup_epochs * per_epoch))
     workers = default_workers(device, info.world_size) if cfg.workers < 0 else int(cfg.workers)
 
-    step, counters = 0, {"skipped": 0, "skipped_in_a_row": 0}
+    step, counters = 0, {"skipped": 0, "skipped_in_a_row": 0, "epoch": 0, "consumed": 0}
     if resume:
         path = latest_state(run_dir)
         saved = load_state(path, module, optimizer, info)
         _check_resumable(saved["config"], cfg)
         step, counters = int(saved["step"]), dict(saved["counters"])
+        if "epoch" not in counters:  # a state of the older format: same world size (checked above)
+            counters["epoch"], in_epoch = divmod(step, per_epoch)
+            counters["consumed"] = in_epoch * cfg.grad_accum * cfg.batch_size * info.world_size
+        if saved["world_size"] != info.world_size and info.is_main:
+            print(f"resuming a run of {saved['world_size']} process(es) with {info.world_size}: the global batch "
+                  f"becomes {cfg.batch_size * cfg.grad_accum * info.world_size} regions per step (was "
+                  f"{cfg.batch_size * cfg.grad_accum * saved['world_size']}); the schedule keeps its {total} steps",
+                  flush=True)
     else:
         torch.manual_seed(cfg.seed + 1 + info.rank)  # dropout: a different stream per rank
         np.random.seed((cfg.seed + info.rank) % (1 << 32))
@@ -513,18 +533,23 @@ def _train(cfg: TrainConfig, info: D.DistInfo, resume: bool) -> TrainResult:
     params = [p for p in module.parameters() if p.requires_grad]
     last: dict = {}
     try:
+        step_regions = cfg.batch_size * cfg.grad_accum * info.world_size  # regions per step, all ranks
         while step < total:
-            epoch, in_epoch = divmod(step, per_epoch)
-            sampler.set_start(in_epoch * cfg.grad_accum * cfg.batch_size)
+            epoch, consumed = int(counters["epoch"]), int(counters["consumed"])
+            sampler.set_start(consumed)
             loader = make_loader(dataset, collator, sampler, batch_size=cfg.batch_size, workers=workers,
                                  device=device, epoch=epoch)
             batches = iter(loader)
-            for _ in range(in_epoch, per_epoch):
+            left = len(sampler) // (cfg.batch_size * cfg.grad_accum)  # whole steps left in this epoch
+            for done_in_epoch in range(1, left + 1):
                 if step >= total:
                     break
                 last = _train_step(step, epoch, batches, runner, ddp, optimizer, params, cfg, precision,
                                    info, warmup, total, counters)
                 step += 1
+                counters["consumed"] = consumed + done_in_epoch * step_regions
+                if done_in_epoch == left:  # the epoch is complete: the next step starts the next one
+                    counters["epoch"], counters["consumed"] = epoch + 1, 0
                 logger.record(step, last)
                 if counters["skipped_in_a_row"] >= cfg.max_nonfinite:
                     raise NonFiniteLossError(
@@ -535,6 +560,8 @@ def _train(cfg: TrainConfig, info: D.DistInfo, resume: bool) -> TrainResult:
                         "for NaN/inf values")
                 if cfg.save_every > 0 and step % cfg.save_every == 0 and step < total:
                     save_state(run_dir, step, module, optimizer, counters, cfg, info)
+            if left == 0:  # fewer regions left than one step (a resume with more processes)
+                counters["epoch"], counters["consumed"] = epoch + 1, 0
             del batches, loader
         save_state(run_dir, step, module, optimizer, counters, cfg, info)  # a later --resume can extend the run
         if info.is_main:

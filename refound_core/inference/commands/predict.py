@@ -83,6 +83,9 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out file (else refused)")
     parser.add_argument("--batch-size", type=positive_int, default=None, help="regions per forward pass (default: 64 GPU, 16 CPU)")
     parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N")
+    parser.add_argument("--int8", action="store_true",
+                        help="CPU only: int8 dynamic quantisation of the model's Linear layers, about 1.4x faster "
+                             "on 2 cores at a small accuracy cost (docs/BENCHMARKS.md)")
     parser.add_argument("--min-image-coverage", type=_coverage, default=DEFAULT_MIN_IMAGE_COVERAGE,
                         help="share of valid (non-no-data) pixels a cell's chip needs for the image to be used, "
                              f"in [0, 1] (default: {DEFAULT_MIN_IMAGE_COVERAGE:g}); the per-cell image_used column "
@@ -145,6 +148,7 @@ def request_from_args(args: argparse.Namespace, task: str):
                            cell_size=args.cell_size, pois=args.pois, poi_layer=args.poi_layer,
                            name_field=args.name_field, category_field=args.category_field,
                            imagery=args.imagery, device=args.device, batch_size=args.batch_size,
+                           int8=bool(getattr(args, "int8", False)),
                            embeddings=tuple(getattr(args, "embeddings", None) or ("h_P", "h_S", "fused")),
                            min_image_coverage=args.min_image_coverage, overwrite=bool(args.overwrite),
                            max_cells=int(getattr(args, "max_cells", CLI_MAX_CELLS)),
