@@ -97,3 +97,27 @@ def show_canvas(qtbot, iface, crs, extent):
     canvas.setDestinationCrs(QgsCoordinateReferenceSystem(crs))
     canvas.setExtent(extent)
     return canvas
+
+
+def fill_dock(dock, pois=None, img=None, *, task="urban_village", checkpoint=None, backend="inprocess",
+              device="cpu", cell: float = CELL, batch=None, output=None) -> None:
+    """Fill the Analyze panel as a user would for the test scene (fields ``title``/``kind``);
+    an argument left None keeps what the panel shows (e.g. its preselected layers)."""
+    if pois is not None:
+        dock.poi_combo.setLayer(pois)
+    if img is not None:
+        dock.imagery_combo.setLayer(img)
+    dock.name_field.setField("title")
+    dock.category_field.setField("kind")
+    dock.task_combo.setCurrentIndex(dock.task_combo.findData(task))
+    if checkpoint is not None:
+        dock.checkpoint_widget.setFilePath(str(checkpoint))
+    if backend is not None:
+        dock.backend_combo.setCurrentIndex(dock.backend_combo.findData(backend))
+    if device is not None:
+        dock.device_combo.setCurrentIndex(dock.device_combo.findData(device))
+    dock.cell_size_spin.setValue(cell)
+    if batch is not None:
+        dock.batch_spin.setValue(batch)
+    if output is not None:
+        dock.output_widget.setFilePath(output)

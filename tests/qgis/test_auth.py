@@ -6,7 +6,7 @@ import threading
 
 import pytest
 
-from qgis_testlib import show_canvas  # noqa: E402
+from qgis_testlib import fill_dock, show_canvas  # noqa: E402
 from qgis_testlib import CELL, EPSG, SCENE_CELLS
 
 pytestmark = pytest.mark.qgis
@@ -80,15 +80,9 @@ def test_dock_runs_remote_with_the_token_from_the_auth_database(qtbot, iface, au
     dock = RefoundDock(iface)
     qtbot.addWidget(dock)
     pois, img = scene_layers
-    dock.poi_combo.setLayer(pois)
-    dock.imagery_combo.setLayer(img)
-    dock.name_field.setField("title")
-    dock.category_field.setField("kind")
-    dock.task_combo.setCurrentIndex(dock.task_combo.findData("population"))
-    dock.backend_combo.setCurrentIndex(dock.backend_combo.findData("remote"))
+    fill_dock(dock, pois, img, task="population", backend="remote", device=None)
     dock.backend_url_edit.setText(server.url)
     dock.backend_token_edit.setText(TOKEN)
-    dock.cell_size_spin.setValue(CELL)
     try:
         with qtbot.waitSignal(dock.analysis_finished, timeout=120_000) as blocker:
             dock.run_button.click()

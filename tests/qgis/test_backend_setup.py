@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from qgis_testlib import EPSG, REPO, SCENE_CELLS, scene_extent, show_canvas
+from qgis_testlib import EPSG, REPO, SCENE_CELLS, fill_dock, scene_extent, show_canvas
 
 pytestmark = [pytest.mark.qgis, pytest.mark.slow]
 TIMEOUT_MS = 240_000
@@ -112,13 +112,8 @@ def test_setup_from_wheelhouse_then_the_dock_analyses_through_it(qtbot, dock, qg
     assert dock.backend_combo.currentData() == "local" and dock.backend_python_widget.filePath() == venv
 
     pois, img = scene_layers
-    dock.poi_combo.setLayer(pois)
-    dock.imagery_combo.setLayer(img)
-    dock.name_field.setField("title")
-    dock.category_field.setField("kind")
-    dock.task_combo.setCurrentIndex(dock.task_combo.findData("population"))
-    dock.checkpoint_widget.setFilePath(str(checkpoints["population"]))
-    dock.device_combo.setCurrentIndex(dock.device_combo.findData("cpu"))
+    fill_dock(dock, pois, img, task="population", checkpoint=checkpoints["population"], backend=None,
+              cell=dock.cell_size_spin.value())
     with qtbot.waitSignal(dock.analysis_finished, timeout=TIMEOUT_MS) as blocker:
         dock.run_button.click()
     layer, message = blocker.args

@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from qgis_testlib import show_canvas  # noqa: E402
+from qgis_testlib import fill_dock, show_canvas  # noqa: E402
 from qgis_testlib import CELL, EPSG, IMAGE_COLS, SCENE_CELLS, X0, Y0, expected_cell_count, scene_extent
 
 pytestmark = pytest.mark.qgis
@@ -32,17 +32,7 @@ def dock(iface, qtbot, clean_settings):
 
 
 def _fill(dock, pois, img, checkpoint, task="urban_village", output=""):
-    dock.poi_combo.setLayer(pois)
-    dock.imagery_combo.setLayer(img)
-    dock.name_field.setField("title")
-    dock.category_field.setField("kind")
-    dock.task_combo.setCurrentIndex(dock.task_combo.findData(task))
-    dock.checkpoint_widget.setFilePath(str(checkpoint))
-    dock.backend_combo.setCurrentIndex(dock.backend_combo.findData("inprocess"))
-    dock.device_combo.setCurrentIndex(dock.device_combo.findData("cpu"))
-    dock.cell_size_spin.setValue(CELL)
-    dock.batch_spin.setValue(4)
-    dock.output_widget.setFilePath(output)
+    fill_dock(dock, pois, img, task=task, checkpoint=checkpoint, batch=4, output=output)
 
 
 def _run(qtbot, dock):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from qgis_testlib import EPSG, expected_cell_count, scene_extent, show_canvas  # noqa: E402
+from qgis_testlib import EPSG, expected_cell_count, fill_dock, scene_extent, show_canvas  # noqa: E402
 
 pytestmark = pytest.mark.qgis
 TIMEOUT_MS = 60_000
@@ -37,13 +37,7 @@ def _cells(dock) -> int:
 
 
 def _ready(dock, checkpoints):
-    dock.name_field.setField("title")
-    dock.category_field.setField("kind")
-    dock.task_combo.setCurrentIndex(dock.task_combo.findData("urban_village"))
-    dock.checkpoint_widget.setFilePath(str(checkpoints["root"]))
-    dock.backend_combo.setCurrentIndex(dock.backend_combo.findData("inprocess"))
-    dock.device_combo.setCurrentIndex(dock.device_combo.findData("cpu"))
-    dock.cell_size_spin.setValue(256)
+    fill_dock(dock, checkpoint=checkpoints["root"], cell=256)  # layers: the panel's own preselection
 
 
 def test_pickers_preselect_the_only_point_layer_and_raster(make_dock, project, scene):
