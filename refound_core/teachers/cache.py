@@ -275,7 +275,7 @@ class TeacherCache:
             return TeacherTargets.open(folder)
         self.root.mkdir(parents=True, exist_ok=True)
         with OutputLock(folder):
-            if not (folder / "meta.json").is_file():  # another run may have finished while we waited
+            if not (folder / "meta.json").is_file():  # another run may have finished since the check above
                 partial = self.root / f".{folder.name}.partial"
                 self._compute(partial, key, samples, teachers, int(patches_per_side), batch_size, np.dtype(dtype),
                               progress, spill_limit_bytes, log_fn or log.info)
