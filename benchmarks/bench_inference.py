@@ -308,7 +308,7 @@ def bench_e2e(args, device) -> list:
         out = work / f"e2e_{label}.gpkg"
         req = {"checkpoint": str(ckpt), "task": "urban_village", "out": str(out), "extent": list(ext),
                "extent_crs": meta["crs"], "pois": str(city / "pois.gpkg"), "imagery": str(city / "imagery.tif"),
-               "device": str(device), "batch_size": args.e2e_batch}
+               "device": str(device), "batch_size": args.e2e_batch, "int8": bool(args.e2e_int8)}
         env = dict(os.environ, PYTHONPATH=str(REPO))
         t0 = time.perf_counter()
         res = subprocess.run([sys.executable, "-c", E2E_CHILD, json.dumps(req)], capture_output=True, text=True,
@@ -318,7 +318,8 @@ def bench_e2e(args, device) -> list:
         if res.returncode != 0 or not line:
             raise RuntimeError(f"end-to-end run {label} failed:\n{res.stderr[-3000:]}")
         r = json.loads(line[0].split(" ", 1)[1])
-        r.update({"scale": label, "preset": preset_name, "process_wall_s": wall, "extent": ext})
+        r.update({"scale": label, "preset": preset_name, "process_wall_s": wall, "extent": ext,
+                  "int8": bool(args.e2e_int8)})
         rows.append(r)
         t = r["timings"]
         print(f"  {label}: {r['cells']} cells, {r['cells'] / max(t['total'] - t.get('load', 0), 1e-9):.2f} cells/s after model load, peak RSS {r['peak_rss_mb']:.0f} MB; "
@@ -345,6 +346,7 @@ def main(argv=None) -> int:
     p.add_argument("--city-dir", default=None, help="synthetic city folder (default WORK/city_<km>km)")
     p.add_argument("--e2e-preset", default=None, help="model preset of part B (default: base on CUDA, small on CPU)")
     p.add_argument("--e2e-batch", type=int, default=None)
+    p.add_argument("--e2e-int8", action="store_true", help="part B with `refound predict --int8` (CPU int8 dynamic quantisation)")
     p.add_argument("--quick", action="store_true", help="tiny configs and a 1 km city: a smoke run of the script")
     p.add_argument("--out", default=None, help="write the results as JSON here")
     args = p.parse_args(argv)
