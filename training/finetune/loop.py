@@ -131,13 +131,14 @@ def fit_and_select(
     best_preds = None
     start = 0
     if state_path is not None and Path(state_path).is_file():
-        st = torch.load(state_path, map_location="cpu", weights_only=False)  # our own file, see _save_state
+        st = torch.load(state_path, map_location="cpu", weights_only=True)  # tensors and plain values only
         model.load_state_dict(st["model"])
         optimizer.load_state_dict(st["optimizer"])
         sched.load_state_dict(st["sched"])
         torch.set_rng_state(st["torch_rng"])
         best, best_state, best_epoch = st["best"], st["best_state"], st["best_epoch"]
-        best_preds, history, start = st["best_preds"], st["history"], st["epoch"] + 1
+        best_preds = None if st["best_preds"] is None else st["best_preds"].numpy()
+        history, start = st["history"], st["epoch"] + 1
         if log:
             log(f"resuming after epoch {start}/{epochs} (state {state_path})")
     for epoch in range(start, epochs):
@@ -170,8 +171,12 @@ def fit_and_select(
         if state_path is not None:
             _save_state(state_path, {
                 "epoch": epoch, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                "sched": sched.state_dict(), "torch_rng": torch.get_rng_state(), "best": best,
-                "best_state": best_state, "best_epoch": best_epoch, "best_preds": best_preds, "history": history})
+                "sched": sched.state_dict(), "torch_rng": torch.get_rng_state(),
+                "best": None if best is None else {k: float(v) for k, v in best.items()},
+                "best_state": best_state, "best_epoch": best_epoch,
+                "best_preds": None if best_preds is None else torch.from_numpy(np.ascontiguousarray(best_preds)),
+                "history": [{k: float(v) if isinstance(v, (float, np.floating)) else int(v) for k, v in h.items()}
+                            for h in history]})
     model.load_state_dict(best_state)
     test_pred = predict(model, forward, batches, test_idx, task, scaler)
     return MethodResult(val_pred=best_preds, test_pred=test_pred, best_epoch=best_epoch, history=history), best_state, scaler
