@@ -4,8 +4,9 @@ over the first 3 epochs then linear decay (paper A.2.2/A.2.3), selection of the 
 validation by the task's primary metric, predictions of that epoch for validation and test.
 
 With ``state_path`` the loop is resumable: after every epoch it writes (atomically) the model,
-optimizer, schedule, RNG and best-epoch state, and a later call with the same arguments starts
-after the last finished epoch. Batches are seeded by (seed, epoch), so a resumed run sees the
+optimizer, schedule, RNG and best-epoch bookkeeping, and a later call with the same arguments starts
+after the last finished epoch. The best epoch's weights go to ``best-<epoch>.pt`` beside it, written
+only when the best epoch changes (not every epoch: for refound_base that is ~0.4 GB a write). Batches are seeded by (seed, epoch), so a resumed run sees the
 same data order as an uninterrupted one.
 """
 from __future__ import annotations
@@ -136,7 +137,9 @@ def fit_and_select(
         optimizer.load_state_dict(st["optimizer"])
         sched.load_state_dict(st["sched"])
         torch.set_rng_state(st["torch_rng"])
-        best, best_state, best_epoch = st["best"], st["best_state"], st["best_epoch"]
+        best, best_epoch = st["best"], st["best_epoch"]
+        if best_epoch >= 0:
+            best_state = torch.load(_best_path(state_path, best_epoch), map_location="cpu", weights_only=True)
         best_preds = None if st["best_preds"] is None else st["best_preds"].numpy()
         history, start = st["history"], st["epoch"] + 1
         if log:
@@ -168,18 +171,28 @@ def fit_and_select(
             best, best_epoch = val_metrics, epoch
             best_state = copy.deepcopy({k: v.detach().cpu() for k, v in model.state_dict().items()})
             best_preds = val_pred
+            if state_path is not None:
+                _save_state(_best_path(state_path, epoch), best_state)
         if state_path is not None:
             _save_state(state_path, {
                 "epoch": epoch, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                 "sched": sched.state_dict(), "torch_rng": torch.get_rng_state(),
                 "best": None if best is None else {k: float(v) for k, v in best.items()},
-                "best_state": best_state, "best_epoch": best_epoch,
+                "best_epoch": best_epoch,
                 "best_preds": None if best_preds is None else torch.from_numpy(np.ascontiguousarray(best_preds)),
                 "history": [{k: float(v) if isinstance(v, (float, np.floating)) else int(v) for k, v in h.items()}
                             for h in history]})
+            for old in Path(state_path).parent.glob("best-*.pt"):  # the state now points at the newest
+                if old != _best_path(state_path, best_epoch):
+                    old.unlink(missing_ok=True)
     model.load_state_dict(best_state)
     test_pred = predict(model, forward, batches, test_idx, task, scaler)
     return MethodResult(val_pred=best_preds, test_pred=test_pred, best_epoch=best_epoch, history=history), best_state, scaler
+
+
+def _best_path(state_path, epoch: int):
+    """The best epoch's weights beside the state file (None before any epoch was best)."""
+    return Path(state_path).with_name(f"best-{int(epoch)}.pt") if epoch >= 0 else None
 
 
 def _save_state(path, state: dict) -> None:
