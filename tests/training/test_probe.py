@@ -120,3 +120,17 @@ def test_probe_command_rejects_unlabelled_regions(tmp_path, capsys):
     rc = main(["probe", "--data", str(ds.folder), "--target", "population", "--teacher", "efficientnet"])
     assert rc == 2
     assert "lack an image or a 'population' value" in capsys.readouterr().err
+
+
+@pytest.mark.teachers
+def test_probe_command_gives_one_row_per_teacher(tmp_path, capsys):
+    from training.cli import main
+
+    ds = _probe_dataset(tmp_path / "probe_ds")
+    out = tmp_path / "probe.json"
+    rc = main(["probe", "--data", str(ds.folder), "--teacher", "efficientnet", "--teacher", "geoembed",
+               "--repeats", "1", "--out", str(out)])
+    assert rc == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["name"], r["dim"]) for r in rows] == [("efficientnet-teacher", 1280), ("geoembed-teacher", 512)]
+    assert rows[0]["source"].startswith("efficientnet-lite0") and rows[1]["source"].startswith("geoembed-v3")

@@ -15,7 +15,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.formatter_class = argparse.RawDescriptionHelpFormatter
     p.epilog = ("example:\n  refound probe --data runs/real_probe_ds --checkpoint runs/pt/checkpoint --out probe.json\n"
                 "rows: each checkpoint, 'random-init' (the first checkpoint's architecture, seeded --seed),\n"
-                "'efficientnet-teacher' (pooled ImageNet EfficientNet-Lite0 features, the DVFM teacher).\n"
+                "'efficientnet-teacher' (pooled ImageNet EfficientNet-Lite0 features, the default DVFM teacher),\n"
+                "'geoembed-teacher' with --teacher geoembed (self-supervised aerial ResNet-18, docs/TEACHERS.md).\n"
                 "R2 mean ± sd: over the grouped folds of all --repeats fold seeds; R2 pool: one R2 over all\n"
                 "out-of-fold predictions, averaged over the fold seeds; erank = effective rank;\n"
                 "top-PC = variance share of the first principal component of the embeddings.")
@@ -27,8 +28,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--repeats", type=int, default=3, help="fold seeds: scene-to-fold assignments (default 3)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random-initialisation row (default 0)")
     p.add_argument("--no-random-init", action="store_true", help="skip the random-initialisation row")
-    p.add_argument("--teacher", choices=["efficientnet", "none"], default="efficientnet",
-                   help="image-teacher row (default efficientnet; none: skip it)")
+    p.add_argument("--teacher", action="append", choices=["efficientnet", "geoembed", "none"], default=None,
+                   help="image-teacher row; repeat for several (default: efficientnet; none: no teacher row)")
     p.add_argument("--device", default="cpu", help="torch device (default cpu)")
     p.add_argument("--batch-size", type=int, default=16, help="regions per forward pass (default 16)")
     p.add_argument("--out", default=None, help="write the results here as JSON")
@@ -63,8 +64,9 @@ def run(args) -> int:
     from refound_core.errors import InputError
     from training.finetune import probe
 
-    if not args.checkpoint and args.teacher == "none":
-        raise InputError("nothing to probe: pass --checkpoint CKPT and/or keep --teacher efficientnet")
+    teachers = [t for t in (args.teacher or ["efficientnet"]) if t != "none"]
+    if not args.checkpoint and not teachers:
+        raise InputError("nothing to probe: pass --checkpoint CKPT and/or --teacher efficientnet|geoembed")
     ds = RegionDataset(args.data)
     target, y = _target(ds, args.target)
     keep = np.flatnonzero(~np.isnan(y) & (ds.image_coverage > 0))
@@ -84,9 +86,9 @@ def run(args) -> int:
                                                  batch_size=args.batch_size)
         rows.append(probe.probe_row(f"random-init (seed {args.seed})", "random h[S]", x, y, groups,
                                     source=f"architecture of {args.checkpoint[0]}", **common))
-    if args.teacher == "efficientnet":
-        x, ident = probe.teacher_image_embeddings(ds, device=args.device)
-        rows.append(probe.probe_row("efficientnet-teacher", "teacher pooled", x, y, groups, source=ident, **common))
+    for name in teachers:
+        x, ident = probe.teacher_image_embeddings(ds, teacher=name, device=args.device)
+        rows.append(probe.probe_row(f"{name}-teacher", "teacher pooled", x, y, groups, source=ident, **common))
     k = min(args.folds, len(scenes))
     print(f"refound probe: {target} on {len(ds)} crops from {len(scenes)} scenes, "
           f"{k} grouped folds x {len(seeds)} fold seeds")

