@@ -24,7 +24,7 @@ TEACHER_DISTRIBUTIONS = {
     "gguf": ("gguf", "reading GGUF files (describer 'smollm2', --describer llm:FILE.gguf)"),
     "accelerate": ("accelerate", "loading the GGUF describer through transformers"),
     "open_clip_torch": ("open_clip", "open_clip folders for --visual clip:PATH"),
-    "geoembed": ("geoembed", "visual teacher 'geoembed' weights (self-supervised aerial ResNet-18; code never imported)"),
+    "geoembed": ("geoembed", "visual teacher 'geoembed' (aerial self-supervised ResNet-18 weights; code not imported)"),
 }
 
 

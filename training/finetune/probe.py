@@ -1,9 +1,9 @@
 """Real-imagery probe: how much a frozen image embedding knows about a per-crop target.
 
 For each embedding (a checkpoint's image-side region token h[S], the same architecture at random
-initialisation, a visual teacher's pooled features: EfficientNet-Lite0 or GeoEmbed V3) a standardised ridge regression
-(RidgeCV) predicts the target (e.g. building fraction); folds are whole scenes (source images), so
-overlapping crops of one image never sit on both sides. Reported: R² over the folds (mean, sd,
+initialisation, a visual teacher's pooled features: EfficientNet-Lite0 or GeoEmbed V3) a
+standardised ridge regression (RidgeCV) predicts the target (e.g. building fraction); folds are
+whole scenes (source images), so overlapping crops of one image never sit on both sides. Reported: R² over the folds (mean, sd,
 several fold seeds), the effective rank of the centred embeddings (exp of the entropy of the
 normalised squared singular values, Roy & Vetterli 2007) and the variance share of the top
 principal component -- a collapsed embedding has effective rank near 1 and a top share near 1.
@@ -98,7 +98,8 @@ def checkpoint_image_embeddings(checkpoint, dataset, *, random_seed=None, device
     return tokens[:, 1], loaded
 
 
-def teacher_image_embeddings(dataset, *, teacher: str = "efficientnet", device: str = "cpu", batch_size: int = 32):
+def teacher_image_embeddings(dataset, *, teacher: str = "efficientnet", device: str = "cpu",
+                             batch_size: int = 32):
     """A visual teacher's pooled features of every region's image: ``efficientnet`` (ImageNet
     EfficientNet-Lite0, 1,280-d, the default DVFM teacher) or ``geoembed`` (aerial SSL ResNet-18, 512-d)."""
     from refound_core.teachers import build_teachers
