@@ -116,7 +116,15 @@ class GeoEmbedV3Teacher(ImageTeacher, PatchFeaturizer):
         return self._feature_maps(images).mean(dim=(2, 3)).float().cpu().numpy()
 
     def patch_features(self, images, grid):
+        return self._to_grid(self._feature_maps(images), grid)
+
+    def embed_and_patch_features(self, images, grid) -> tuple:
+        """Both outputs from one forward pass (the teacher cache's DVFM + MGDM targets)."""
+        fmap = self._feature_maps(images)
+        return fmap.mean(dim=(2, 3)).float().cpu().numpy(), self._to_grid(fmap, grid)
+
+    @staticmethod
+    def _to_grid(fmap, grid):
         import torch.nn.functional as F
 
-        fmap = F.adaptive_avg_pool2d(self._feature_maps(images), int(grid))
-        return fmap.flatten(2).transpose(1, 2).float().cpu().numpy()
+        return F.adaptive_avg_pool2d(fmap, int(grid)).flatten(2).transpose(1, 2).float().cpu().numpy()

@@ -163,6 +163,17 @@ class Teachers:
     def vl_teacher(self) -> ImageTeacher:
         return self.visual if self.vl_is_visual else self.vl
 
+    def image_targets(self, images: Sequence[np.ndarray], grid: int) -> tuple:
+        """``(u_S [B, dim], patch features [B, grid*grid, feature_dim])`` of ``images``: the visual
+        teacher's embedding (DVFM) and the tokenizer's patch features (MGDM). A visual teacher that is
+        also the patch featurizer and defines ``embed_and_patch_features`` gives both from one
+        forward pass; otherwise each is computed on its own."""
+        featurizer = self.tokenizer.featurizer
+        both = getattr(self.visual, "embed_and_patch_features", None)
+        if featurizer is self.visual and both is not None:
+            return both(images, grid)
+        return self.visual.embed_images(images), featurizer.patch_features(images, grid)
+
     def identity(self) -> dict:
         """Identity strings of every role: what the cache folder name is hashed from."""
         return {

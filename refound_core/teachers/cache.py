@@ -376,10 +376,9 @@ class TeacherCache:
                 img = [(i, s.image) for i, s in zip(idx, batch) if s.has_image]
                 if img:
                     rows, images = [i for i, _ in img], [im for _, im in img]
-                    u_S[rows] = teachers.visual.embed_images(images)
+                    u_S[rows], feats = teachers.image_targets(images, grid)
                     if v_S is not None:
                         v_S[rows] = teachers.vl.embed_images(images)
-                    feats = featurizer.patch_features(images, grid)
                     if not fit:
                         tokens[rows] = tok.codebook.assign(feats)
                     elif spill is not None:

@@ -55,7 +55,8 @@ def test_geoembed_aerial_teacher_reads_the_packaged_weights_locally():
     from refound_core.teachers import build_teachers
     from refound_core.teachers.aerial import GeoEmbedV3Teacher, weights_path
 
-    t = build_teachers({"visual": "geoembed"}).visual
+    teachers = build_teachers({"visual": "geoembed"})
+    t = teachers.visual
     assert isinstance(t, GeoEmbedV3Teacher) and "geoembed-v3" in t.identity()
     model = t._load()
     with np.load(weights_path()) as z:  # the port's BatchNorm statistics are the package's, not 0 / 1
@@ -73,6 +74,14 @@ def test_geoembed_aerial_teacher_reads_the_packaged_weights_locally():
     assert f.shape == (2, 256, 512)
     change = np.linalg.norm(f[1] - f[0], axis=-1).reshape(16, 16)
     assert change[:8, :8].mean() > 20 * change[8:, 8:].mean()
+    # The teacher cache's DVFM + MGDM targets: the same arrays, from one forward pass.
+    forwards = []
+    maps = t._feature_maps
+    t._feature_maps = lambda imgs: forwards.append(len(imgs)) or maps(imgs)
+    u_S, feats = teachers.image_targets([blank, square], 16)
+    assert forwards == [2]
+    np.testing.assert_array_equal(feats, f)
+    np.testing.assert_array_equal(u_S, t.embed_images([blank, square]))
     with pytest.raises(InputError, match="share a size"):
         t.embed_images([images[0], blank])
 

@@ -4,10 +4,11 @@ over the first 3 epochs then linear decay (paper A.2.2/A.2.3), selection of the 
 validation by the task's primary metric, predictions of that epoch for validation and test.
 
 With ``state_path`` the loop is resumable: after every epoch it writes (atomically) the model,
-optimizer, schedule, RNG and best-epoch bookkeeping, and a later call with the same arguments starts
-after the last finished epoch. The best epoch's weights go to ``best-<epoch>.pt`` beside it, written
-only when the best epoch changes (not every epoch: for refound_base that is ~0.4 GB a write). Batches are seeded by (seed, epoch), so a resumed run sees the
-same data order as an uninterrupted one.
+optimizer, schedule, RNG and best-epoch bookkeeping, and a later call with the same arguments
+starts after the last finished epoch. The best epoch's weights go to ``best-<epoch>.pt`` beside it,
+written only when the best epoch changes (not every epoch: for refound_base that is ~0.4 GB a
+write). Batches are seeded by (seed, epoch), so a resumed run sees the same data order as an
+uninterrupted one.
 """
 from __future__ import annotations
 
