@@ -84,6 +84,18 @@ def _probe_dataset(folder, scenes=4, per_scene=6, size=32, seed=0):
     return RegionDataset(folder)
 
 
+def test_pixel_statistics_colour_and_edge_density():
+    from training.finetune.probe import pixel_statistics
+
+    flat = np.full((4, 6, 3), (255, 0, 51), np.uint8)  # one colour: no spread, no edges
+    stripes = np.zeros((4, 6, 3), np.uint8)
+    stripes[:, 1::2] = 255  # columns alternate black/white: grey steps of 1 along x, none along y
+    out = pixel_statistics([flat, stripes])
+    assert out.shape == (2, 8) and out.dtype == np.float32
+    np.testing.assert_allclose(out[0], [1.0, 0.0, 0.2, 0, 0, 0, 0, 0], atol=1e-6)
+    np.testing.assert_allclose(out[1], [0.5, 0.5, 0.5, 0.5, 0.5, 0.5, 1.0, 0.0], atol=1e-6)
+
+
 def test_scene_groups_from_cell_ids(tmp_path):
     ds = _probe_dataset(tmp_path / "ds", scenes=3, per_scene=2)
     codes, names = scene_groups(ds)
@@ -102,7 +114,9 @@ def test_probe_command_end_to_end(tmp_path, capsys):
                "--repeats", "2", "--out", str(out)])
     assert rc == 0
     res = json.loads(out.read_text())
-    assert [r["kind"] for r in res["rows"]] == ["checkpoint h[S]", "random h[S]"]
+    assert [r["kind"] for r in res["rows"]] == ["checkpoint h[S]", "random h[S]", "pixel statistics"]
+    # the fixture's target is the share of bright pixels: the mean grey level gives it away
+    assert res["rows"][2]["dim"] == 8 and res["rows"][2]["r2_pooled_mean"] > 0.95
     assert res["folds"] == 4 and res["fold_seeds"] == [0, 1] and res["regions"] == 24
     for row in res["rows"]:
         assert len(row["r2_folds"]) == 8 and all(math.isfinite(v) for v in row["r2_folds"])
@@ -129,7 +143,7 @@ def test_probe_command_gives_one_row_per_teacher(tmp_path, capsys):
     ds = _probe_dataset(tmp_path / "probe_ds")
     out = tmp_path / "probe.json"
     rc = main(["probe", "--data", str(ds.folder), "--teacher", "efficientnet", "--teacher", "geoembed",
-               "--repeats", "1", "--out", str(out)])
+               "--no-pixel-stats", "--repeats", "1", "--out", str(out)])
     assert rc == 0
     rows = json.loads(out.read_text())["rows"]
     assert [(r["name"], r["dim"]) for r in rows] == [("efficientnet-teacher", 1280), ("geoembed-teacher", 512)]

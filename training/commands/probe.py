@@ -1,10 +1,10 @@
 """``refound probe``: the real-imagery probe (docs/EVALUATION.md, "Real-imagery probe").
 
 Frozen image-side embeddings of each ``--checkpoint`` (h[S], image-only forward), the same
-architecture at random initialisation and the EfficientNet-Lite0 teacher, each fed to a
-standardised ridge regression of a per-crop target (``building_fraction`` from
-``refound build-corpus --manifest data/manifests/real-probe.json``), cross-validated with whole
-scenes per fold. Prints a table and writes the numbers to ``--out`` (JSON, atomically).
+architecture at random initialisation, the EfficientNet-Lite0 teacher and eight pixel statistics
+(the floor), each fed to a standardised ridge regression of a per-crop target (``building_fraction``
+from ``refound build-corpus --manifest data/manifests/real-probe.json``), cross-validated with
+whole scenes per fold. Prints a table and writes the numbers to ``--out`` (JSON, atomically).
 """
 from __future__ import annotations
 
@@ -16,7 +16,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.epilog = ("example:\n  refound probe --data runs/real_probe_ds --checkpoint runs/pt/checkpoint --out probe.json\n"
                 "rows: each checkpoint, 'random-init' (the first checkpoint's architecture, seeded --seed),\n"
                 "'efficientnet-teacher' (pooled ImageNet EfficientNet-Lite0 features, the default DVFM teacher),\n"
-                "'geoembed-teacher' with --teacher geoembed (self-supervised aerial ResNet-18, docs/TEACHERS.md).\n"
+                "'geoembed-teacher' with --teacher geoembed (self-supervised aerial ResNet-18, docs/TEACHERS.md),\n"
+                "'pixel-stats' (the floor: mean and sd of R, G, B and the mean neighbouring-pixel difference\n"
+                "along x and y, 8 numbers; an embedding that does not beat it knows no more than colour and texture).\n"
                 "R2 mean ± sd: over the grouped folds of all --repeats fold seeds; R2 pool: one R2 over all\n"
                 "out-of-fold predictions, averaged over the fold seeds; erank = effective rank;\n"
                 "top-PC = variance share of the first principal component of the embeddings.")
@@ -30,6 +32,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-random-init", action="store_true", help="skip the random-initialisation row")
     p.add_argument("--teacher", action="append", choices=["efficientnet", "geoembed", "none"], default=None,
                    help="image-teacher row; repeat for several (default: efficientnet; none: no teacher row)")
+    p.add_argument("--no-pixel-stats", action="store_true", help="skip the pixel-statistics row (the probe's floor)")
     p.add_argument("--device", default="cpu", help="torch device (default cpu)")
     p.add_argument("--batch-size", type=int, default=16, help="regions per forward pass (default 16)")
     p.add_argument("--out", default=None, help="write the results here as JSON")
@@ -89,6 +92,10 @@ def run(args) -> int:
     for name in teachers:
         x, ident = probe.teacher_image_embeddings(ds, teacher=name, device=args.device)
         rows.append(probe.probe_row(f"{name}-teacher", "teacher pooled", x, y, groups, source=ident, **common))
+    if not args.no_pixel_stats:
+        x = probe.pixel_statistics(np.array(ds.images[i]) for i in range(len(ds)))
+        rows.append(probe.probe_row("pixel-stats", "pixel statistics", x, y, groups,
+                                    source="mean, sd of RGB + mean |grey difference| along x, y", **common))
     k = min(args.folds, len(scenes))
     print(f"refound probe: {target} on {len(ds)} crops from {len(scenes)} scenes, "
           f"{k} grouped folds x {len(seeds)} fold seeds")

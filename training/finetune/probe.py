@@ -1,7 +1,8 @@
 """Real-imagery probe: how much a frozen image embedding knows about a per-crop target.
 
 For each embedding (a checkpoint's image-side region token h[S], the same architecture at random
-initialisation, a visual teacher's pooled features: EfficientNet-Lite0 or GeoEmbed V3) a
+initialisation, a visual teacher's pooled features: EfficientNet-Lite0 or GeoEmbed V3, and eight
+pixel statistics as the floor any learned embedding must clear) a
 standardised ridge regression (RidgeCV) predicts the target (e.g. building fraction); folds are
 whole scenes (source images), so overlapping crops of one image never sit on both sides. Reported: R² over the folds (mean, sd,
 several fold seeds), the effective rank of the centred embeddings (exp of the entropy of the
@@ -110,6 +111,21 @@ def teacher_image_embeddings(dataset, *, teacher: str = "efficientnet", device: 
         images = [np.array(dataset.images[i]) for i in range(start, min(start + batch_size, len(dataset)))]
         out.append(teacher.embed_images(images))
     return np.concatenate(out).astype(np.float32), teacher.identity()
+
+
+def pixel_statistics(images) -> np.ndarray:
+    """``float32 [N, 8]``, the probe's floor: per-crop mean and sd of R, G, B (in [0, 1]) and the mean
+    absolute grey-level difference between neighbouring pixels along x and along y (edge density).
+    Written by hand (eight numbers, no library computes this set). An embedding that does not beat
+    these eight numbers has not shown that it knows more than colour and texture."""
+    out = []
+    for image in images:
+        im = np.asarray(image, dtype=np.float32)[..., :3] / 255.0
+        grey = im.mean(axis=-1)
+        flat = im.reshape(-1, 3)
+        out.append(np.r_[flat.mean(0), flat.std(0), np.abs(np.diff(grey, axis=1)).mean(),
+                         np.abs(np.diff(grey, axis=0)).mean()])
+    return np.asarray(out, dtype=np.float32)
 
 
 def probe_row(name: str, kind: str, x, y, groups, *, folds: int, seeds, source: str = "") -> dict:
