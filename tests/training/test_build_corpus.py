@@ -171,3 +171,55 @@ def test_bands_pick_rgb_out_of_a_four_band_file(tmp_path):
         build_corpus({"gsd_m": 0.5, "crop_px": 32, "sources": [s]}, tmp_path / "mirror", out, log=lambda *a: None)
         chip = RegionDataset(out)[0].image
         assert chip.shape == (32, 32, 3) and np.array_equal(chip, want)
+
+
+def test_mask_statistics_count_and_size_footprints():
+    from training.commands.build_corpus import MASK_STATS
+
+    mask = np.zeros((40, 40), np.float32)
+    mask[0:10, 0:10] = 1  # 100 px
+    mask[20:24, 20:30] = 1  # 40 px
+    mask[35, 35] = 1  # one stray pixel: 1 m² at 1 m, below the 5 m² floor
+    mask[0:10, 10:12] = 1  # touches the first block: one footprint of 120 px, not two
+    stats = {name: f(mask, 1.0) for name, f in MASK_STATS.items()}
+    assert stats["building_fraction"] == pytest.approx(161 / 1600)
+    assert stats["building_count"] == 2.0
+    assert stats["building_mean_area_m2"] == pytest.approx((120 + 40) / 2)
+    # at 0.5 m a pixel is 0.25 m²: the 40 px block is 10 m², the stray pixel still noise
+    assert MASK_STATS["building_mean_area_m2"](mask, 0.5) == pytest.approx((120 + 40) / 2 * 0.25)
+    assert MASK_STATS["building_count"](np.zeros((8, 8)), 1.0) == 0.0
+    assert MASK_STATS["building_mean_area_m2"](np.zeros((8, 8)), 1.0) == 0.0
+
+
+def test_several_labels_and_several_manifests(snapshot, tmp_path):
+    from training.commands.build_corpus import merge_manifests
+
+    mirror, commit, sha = snapshot
+    labels = ["building_fraction", "building_count", "building_mean_area_m2"]
+    first = _manifest(commit, sha, label=labels)
+    second = _manifest(commit, sha, label=labels)
+    second["sources"] = [{**second["sources"][0], "id": "scene-b"}]
+    merged = merge_manifests([first, second], ["one.json", "two.json"])
+    build_corpus(merged, mirror, tmp_path / "ds", log=lambda *a: None)
+    ds = RegionDataset(tmp_path / "ds")
+    assert ds.label_names == labels and len(ds) == 12
+    from training.finetune.probe import scene_groups
+
+    assert scene_groups(ds)[1] == ["scene-a", "scene-b"]
+    i = ds.index_of("scene-b/0_0")  # the left 24 of 32 columns: one 24 x 32 px footprint at 0.5 m
+    assert ds.labels["building_count"][i] == 1.0
+    assert ds.labels["building_mean_area_m2"][i] == pytest.approx(24 * 32 * 0.25)
+    assert ds.labels["building_count"][ds.index_of("scene-b/1_0")] == 0.0
+    with pytest.raises(InputError, match="'scene-a' is in both one.json and two.json"):
+        merge_manifests([first, first], ["one.json", "two.json"])
+    with pytest.raises(InputError, match="different labels"):
+        merge_manifests([first, _manifest(commit, sha)], ["one.json", "two.json"])
+
+
+def test_unknown_label_is_an_input_error(tmp_path):
+    p = tmp_path / "m.json"
+    src = {"id": "a", "repo": "o/r", "commit": "0" * 40, "path": "x.tif", "sha256": "0" * 64, "licence": "CC0-1.0",
+           "place": "p", "native_gsd_m": 0.5}
+    p.write_text(json.dumps({"label": ["building_fraction", "tree_cover"], "sources": [src]}))
+    with pytest.raises(InputError, match="'tree_cover' is not a mask statistic"):
+        load_manifest(p)

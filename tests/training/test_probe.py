@@ -114,11 +114,13 @@ def test_probe_command_end_to_end(tmp_path, capsys):
                "--repeats", "2", "--out", str(out)])
     assert rc == 0
     res = json.loads(out.read_text())
-    assert [r["kind"] for r in res["rows"]] == ["checkpoint h[S]", "random h[S]", "pixel statistics"]
+    assert [t["target"] for t in res["targets"]] == ["building_fraction"]  # default: every label of the dataset
+    rows = res["targets"][0]["rows"]
+    assert [r["kind"] for r in rows] == ["checkpoint h[S]", "random h[S]", "pixel statistics"]
     # the fixture's target is the share of bright pixels: the mean grey level gives it away
-    assert res["rows"][2]["dim"] == 8 and res["rows"][2]["r2_pooled_mean"] > 0.95
+    assert rows[2]["dim"] == 8 and rows[2]["r2_pooled_mean"] > 0.95
     assert res["folds"] == 4 and res["fold_seeds"] == [0, 1] and res["regions"] == 24
-    for row in res["rows"]:
+    for row in rows:
         assert len(row["r2_folds"]) == 8 and all(math.isfinite(v) for v in row["r2_folds"])
         assert 1.0 <= row["effective_rank"] <= row["dim"] and 0 < row["top_pc_share"] <= 1
     assert [p.name for p in out.parent.iterdir()] == ["probe.json"]  # atomic: no temporary left behind
@@ -145,6 +147,6 @@ def test_probe_command_gives_one_row_per_teacher(tmp_path, capsys):
     rc = main(["probe", "--data", str(ds.folder), "--teacher", "efficientnet", "--teacher", "geoembed",
                "--no-pixel-stats", "--repeats", "1", "--out", str(out)])
     assert rc == 0
-    rows = json.loads(out.read_text())["rows"]
+    rows = json.loads(out.read_text())["targets"][0]["rows"]
     assert [(r["name"], r["dim"]) for r in rows] == [("efficientnet-teacher", 1280), ("geoembed-teacher", 512)]
     assert rows[0]["source"].startswith("efficientnet-lite0") and rows[1]["source"].startswith("geoembed-v3")

@@ -8,9 +8,11 @@ resolution and cuts ``crop_px`` crops. Each crop becomes one cell with an image,
 cross-validation folds by scene). Crops that run past an image's edge keep their missing pixels
 out of the image (``image_valid``, coverage < 1), as in ``refound build-dataset``.
 
-A source may carry a ``mask`` (a raster of the same footprint, e.g. building = 255); its
-per-crop positive fraction over the valid pixels becomes the label named by the manifest's
-``label`` (``building_fraction``): that is how the probe dataset is built (``refound probe``).
+A source may carry a ``mask`` (a raster of the same footprint, e.g. building = 255); per-crop
+statistics of it over the valid pixels become the labels the manifest's ``label`` names (one name
+or a list, from :data:`MASK_STATS`): ``building_fraction`` (positive share), ``building_count``
+(connected footprints of at least 5 m²) and ``building_mean_area_m2`` (their mean area). That is
+how the probe dataset is built (``refound probe``). Several ``--manifest`` files make one corpus.
 """
 from __future__ import annotations
 
@@ -28,6 +30,35 @@ SOURCE_KEYS = ("id", "repo", "commit", "path", "sha256", "licence", "place", "na
 # group multiplies a small corpus without inventing pixels. Views k < 4 are rotations by k * 90
 # degrees; k >= 4 mirror left-right first.
 VIEWS = (1, 4, 8)
+# A footprint smaller than this (m²) is mask noise (a few stray pixels after resampling), not a building.
+MIN_FOOTPRINT_M2 = 5.0
+
+
+def _footprints(mask, gsd: float):
+    """Pixel areas of the connected positive regions of a crop's mask (4-connected), noise dropped."""
+    import numpy as np
+    from scipy import ndimage
+
+    lab, n = ndimage.label(mask > 0.5)
+    sizes = np.bincount(lab.ravel(), minlength=n + 1)[1:]
+    return sizes[sizes * gsd * gsd >= MIN_FOOTPRINT_M2]
+
+
+def _fraction(mask, gsd):
+    return float(mask.mean())
+
+
+def _count(mask, gsd):
+    return float(len(_footprints(mask, gsd)))
+
+
+def _mean_area(mask, gsd):
+    sizes = _footprints(mask, gsd)
+    return float(sizes.mean()) * gsd * gsd if len(sizes) else 0.0
+
+
+# per-crop label name -> statistic of the crop's mask (valid pixels only) at the corpus resolution
+MASK_STATS = {"building_fraction": _fraction, "building_count": _count, "building_mean_area_m2": _mean_area}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -35,7 +66,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.epilog = ("example:\n  refound build-corpus --manifest data/manifests/real-imagery.json "
                 "--mirror /work/.mirror --out runs/real_corpus_ds\n"
                 "  (fetch each repository named in the manifest first; its snapshot must hold the commit)")
-    p.add_argument("--manifest", required=True, help="manifest JSON (data/manifests/real-imagery.json, real-probe.json)")
+    p.add_argument("--manifest", required=True, action="append",
+                   help="manifest JSON (data/manifests/real-imagery.json, real-imagery-extra.json, real-probe.json); "
+                        "repeat to build one corpus from several (their labels must agree; size and resolution "
+                        "defaults come from the first)")
     p.add_argument("--mirror", required=True,
                    help="folder of fetched git snapshots, one per repository as MIRROR/owner+name/repo")
     p.add_argument("--out", required=True, help="region dataset folder to create")
@@ -65,6 +99,11 @@ def load_manifest(path) -> dict:
     sources = manifest.get("sources")
     if not isinstance(sources, list) or not sources:
         raise InputError(f"manifest {path} has no 'sources' list")
+    labels = manifest.get("label")
+    unknown = [n for n in ([labels] if isinstance(labels, str) else labels or []) if n not in MASK_STATS]
+    if unknown:
+        raise InputError(f"manifest {path}: label {unknown[0]!r} is not a mask statistic; choose from "
+                         f"{', '.join(MASK_STATS)}")
     seen = set()
     for i, src in enumerate(sources):
         missing = [k for k in SOURCE_KEYS if k not in src]
@@ -151,8 +190,29 @@ def crop_origins(length: int, crop: int, stride: int) -> list:
     return starts
 
 
+def merge_manifests(manifests, paths) -> dict:
+    """One manifest from several: the sources one after another (ids unique over all), size and
+    resolution defaults from the first; their labels must agree (a crop has one set of labels)."""
+    first = dict(manifests[0])
+    label_sets = {json.dumps(m.get("label")) for m in manifests}
+    if len(label_sets) > 1:
+        raise InputError(f"manifests {', '.join(map(str, paths))} have different labels ({', '.join(sorted(label_sets))}); "
+                         "build them into separate datasets")
+    sources, seen = [], {}
+    for m, path in zip(manifests, paths):
+        for src in m["sources"]:
+            if src["id"] in seen:
+                raise InputError(f"source id {src['id']!r} is in both {seen[src['id']]} and {path}; ids must be unique")
+            seen[src["id"]] = path
+            sources.append(src)
+    first["sources"] = sources
+    first["name"] = "+".join(m.get("name", "") for m in manifests)
+    return first
+
+
 def iter_crops(image, mask, crop: int, stride: int, min_coverage: float):
-    """``(col, row, chip, valid, coverage, fraction)`` for each crop; padded pixels are invalid."""
+    """``(col, row, chip, valid, coverage, mask_part)`` for each crop; padded pixels are invalid and
+    ``mask_part`` (None without a mask) covers the valid pixels only."""
     import numpy as np
 
     h, w = image.shape[:2]
@@ -166,10 +226,7 @@ def iter_crops(image, mask, crop: int, stride: int, min_coverage: float):
             coverage = float(valid.mean())
             if coverage < min_coverage:
                 continue
-            fraction = None
-            if mask is not None:
-                fraction = float(mask[r0:r0 + crop, c0:c0 + crop].mean())
-            yield col, row, chip, valid, coverage, fraction
+            yield col, row, chip, valid, coverage, None if mask is None else mask[r0:r0 + crop, c0:c0 + crop]
 
 
 def dihedral(arr, k: int):
@@ -199,6 +256,7 @@ def build_corpus(manifest: dict, mirror, out, *, gsd=None, crop=None, stride=Non
     if views not in VIEWS:
         raise InputError(f"--views {views}: choose 1 (as is), 4 (rotations) or 8 (rotations and mirror images)")
     label = manifest.get("label")
+    label_names = [label] if isinstance(label, str) else list(label or [])
     cell = crop * gsd
     counts: dict = {}
     scenes = []
@@ -207,12 +265,12 @@ def build_corpus(manifest: dict, mirror, out, *, gsd=None, crop=None, stride=Non
                   "sources": [{k: s[k] for k in SOURCE_KEYS} | {"attribution": s.get("attribution", "")}
                               for s in manifest["sources"]]}
     with RegionDatasetWriter(out, crs="LOCAL:scene-grid", cell_size=cell, image_size=crop,
-                             label_names=[label] if label else [], label_aux=["scene_index"],
+                             label_names=label_names, label_aux=["scene_index"],
                              provenance=provenance, overwrite=overwrite) as writer:
         for si, src in enumerate(manifest["sources"]):
             image = to_uint8(_read_raster(read_blob(mirror, src), src.get("bands", [1, 2, 3])))
             mask = None
-            if label and src.get("mask"):
+            if label_names and src.get("mask"):
                 m = src["mask"]
                 raw = _read_raster(read_blob(mirror, {**src, **m}), [m.get("band", 1)])[..., 0]
                 mask = (raw >= m.get("threshold", 1)).astype(np.float32)
@@ -221,9 +279,9 @@ def build_corpus(manifest: dict, mirror, out, *, gsd=None, crop=None, stride=Non
             mask = resample(mask, scale, is_mask=True) if mask is not None else None
             scenes.append({"index": si, "scene": src["id"], "place": src["place"], "licence": src["licence"]})
             n = 0
-            for col, row, chip, valid, coverage, fraction in iter_crops(image, mask, crop, stride, min_coverage):
+            for col, row, chip, valid, coverage, part in iter_crops(image, mask, crop, stride, min_coverage):
                 x0, y1 = si * 1e5 + col * stride * gsd, -row * stride * gsd  # a virtual plane, one strip per scene
-                labels = {} if fraction is None else {label: fraction}
+                labels = {} if part is None else {name: MASK_STATS[name](part, gsd) for name in label_names}
                 for k in range(views):
                     cell_id = f"{src['id']}/{col}_{row}" + (f"_v{k}" if k else "")
                     writer.add(RegionSample(cell_id=cell_id, bounds=(x0, y1 - cell, x0 + cell, y1),
@@ -241,11 +299,11 @@ def build_corpus(manifest: dict, mirror, out, *, gsd=None, crop=None, stride=Non
 
 
 def run(args) -> int:
-    manifest = load_manifest(args.manifest)
-    print(f"refound build-corpus: {len(manifest['sources'])} source images from {args.manifest}")
+    manifest = merge_manifests([load_manifest(m) for m in args.manifest], args.manifest)
+    print(f"refound build-corpus: {len(manifest['sources'])} source images from {', '.join(args.manifest)}")
     summary = build_corpus(manifest, args.mirror, args.out, gsd=args.gsd, crop=args.crop, stride=args.stride,
                            min_coverage=args.min_coverage, views=args.views, overwrite=args.overwrite,
-                           manifest_path=str(args.manifest))
+                           manifest_path=", ".join(map(str, args.manifest)))
     per_view = f" ({summary['crops'] // args.views} crops x {args.views} views)" if args.views > 1 else ""
     print(f"refound build-corpus: wrote {summary['crops']} regions{per_view} from {summary['scenes']} scenes "
           f"to {args.out}")

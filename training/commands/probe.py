@@ -25,7 +25,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", required=True, help="probe region dataset (images + a per-crop label, scene in cell_id)")
     p.add_argument("--checkpoint", action="append", default=[], metavar="CKPT",
                    help="a ReFound checkpoint folder; repeat to compare several")
-    p.add_argument("--target", default=None, help="label to predict (default: the dataset's only label)")
+    p.add_argument("--target", action="append", default=None, metavar="LABEL",
+                   help="label to predict; repeat for several (default: every label of the dataset: "
+                        "building_fraction, building_count, building_mean_area_m2 for the probe set)")
     p.add_argument("--folds", type=int, default=5, help="grouped folds (capped at the number of scenes; default 5)")
     p.add_argument("--repeats", type=int, default=3, help="fold seeds: scene-to-fold assignments (default 3)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random-initialisation row (default 0)")
@@ -38,16 +40,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default=None, help="write the results here as JSON")
 
 
-def _target(ds, name):
+def _targets(ds, names):
+    """``[(name, values)]``: the labels asked for (default: all of the dataset's labels)."""
     from refound_core.errors import InputError
 
-    if name is None:
-        if len(ds.label_names) != 1:
-            raise InputError(f"{ds.folder} has labels {ds.label_names}; choose one with --target")
-        name = ds.label_names[0]
-    if name not in ds.labels:
-        raise InputError(f"{ds.folder} has no label {name!r} (it has {ds.label_names}); pass --target")
-    return name, ds.labels[name]
+    names = names or list(ds.label_names)
+    if not names:
+        raise InputError(f"{ds.folder} has no labels; build it from a manifest with a mask "
+                         "(data/manifests/real-probe.json)")
+    for name in names:
+        if name not in ds.labels:
+            raise InputError(f"{ds.folder} has no label {name!r} (it has {ds.label_names}); pass --target")
+    return [(name, ds.labels[name]) for name in names]
 
 
 def format_table(rows) -> str:
@@ -68,43 +72,49 @@ def run(args) -> int:
     from training.finetune import probe
 
     teachers = [t for t in (args.teacher or ["efficientnet"]) if t != "none"]
-    if not args.checkpoint and not teachers:
-        raise InputError("nothing to probe: pass --checkpoint CKPT and/or --teacher efficientnet|geoembed")
+    if not args.checkpoint and not teachers and args.no_pixel_stats:
+        raise InputError("nothing to probe: pass --checkpoint CKPT and/or --teacher efficientnet|geoembed, "
+                         "or drop --no-pixel-stats")
     ds = RegionDataset(args.data)
-    target, y = _target(ds, args.target)
-    keep = np.flatnonzero(~np.isnan(y) & (ds.image_coverage > 0))
-    if len(keep) < len(ds):
-        raise InputError(f"{len(ds) - len(keep)} regions of {ds.folder} lack an image or a {target!r} value; "
-                         "the probe needs both in every region")
+    targets = _targets(ds, args.target)
+    keep = ds.image_coverage > 0
+    for name, y in targets:
+        keep &= ~np.isnan(y)
+    if not keep.all():
+        raise InputError(f"{int((~keep).sum())} regions of {ds.folder} lack an image or a "
+                         f"{' / '.join(repr(n) for n, _ in targets)} value; the probe needs both in every region")
     groups, scenes = probe.scene_groups(ds)
     seeds = list(range(args.repeats))
     common = dict(folds=args.folds, seeds=seeds)
-    rows = []
+    # (name, kind, source, embedding): computed once, probed against every target
+    embeddings = []
     for ckpt in args.checkpoint:
         x, _ = probe.checkpoint_image_embeddings(ckpt, ds, device=args.device, batch_size=args.batch_size)
-        rows.append(probe.probe_row(Path(ckpt).name if Path(ckpt).name != "checkpoint" else str(ckpt),
-                                    "checkpoint h[S]", x, y, groups, source=str(ckpt), **common))
+        embeddings.append((Path(ckpt).name if Path(ckpt).name != "checkpoint" else str(ckpt), "checkpoint h[S]",
+                           str(ckpt), x))
     if args.checkpoint and not args.no_random_init:
         x, _ = probe.checkpoint_image_embeddings(args.checkpoint[0], ds, random_seed=args.seed, device=args.device,
                                                  batch_size=args.batch_size)
-        rows.append(probe.probe_row(f"random-init (seed {args.seed})", "random h[S]", x, y, groups,
-                                    source=f"architecture of {args.checkpoint[0]}", **common))
+        embeddings.append((f"random-init (seed {args.seed})", "random h[S]", f"architecture of {args.checkpoint[0]}", x))
     for name in teachers:
         x, ident = probe.teacher_image_embeddings(ds, teacher=name, device=args.device)
-        rows.append(probe.probe_row(f"{name}-teacher", "teacher pooled", x, y, groups, source=ident, **common))
+        embeddings.append((f"{name}-teacher", "teacher pooled", ident, x))
     if not args.no_pixel_stats:
         x = probe.pixel_statistics(np.array(ds.images[i]) for i in range(len(ds)))
-        rows.append(probe.probe_row("pixel-stats", "pixel statistics", x, y, groups,
-                                    source="mean, sd of RGB + mean |grey difference| along x, y", **common))
+        embeddings.append(("pixel-stats", "pixel statistics", "mean, sd of RGB + mean |grey difference| along x, y", x))
     k = min(args.folds, len(scenes))
-    print(f"refound probe: {target} on {len(ds)} crops from {len(scenes)} scenes, "
-          f"{k} grouped folds x {len(seeds)} fold seeds")
-    print(format_table(rows))
+    print(f"refound probe: {len(ds)} crops from {len(scenes)} scenes, {k} grouped folds x {len(seeds)} fold seeds")
+    results = []
+    for target, y in targets:
+        rows = [probe.probe_row(name, kind, x, y, groups, source=source, **common)
+                for name, kind, source, x in embeddings]
+        results.append({"target": target, "target_mean": float(y.mean()), "target_sd": float(y.std()), "rows": rows})
+        print(f"\n{target} (mean {y.mean():.3g}, sd {y.std():.3g})")
+        print(format_table(rows))
     if args.out:
         out = Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)
-        _write_json_atomic(out, {"data": str(ds.folder), "target": target, "regions": len(ds), "scenes": scenes,
-                                 "folds": k, "fold_seeds": seeds, "target_mean": float(y.mean()),
-                                 "target_sd": float(y.std()), "rows": rows})
+        _write_json_atomic(out, {"data": str(ds.folder), "regions": len(ds), "scenes": scenes, "folds": k,
+                                 "fold_seeds": seeds, "targets": results})
         print(f"refound probe: wrote {out}")
     return 0
