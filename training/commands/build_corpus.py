@@ -196,8 +196,8 @@ def merge_manifests(manifests, paths) -> dict:
     first = dict(manifests[0])
     label_sets = {json.dumps(m.get("label")) for m in manifests}
     if len(label_sets) > 1:
-        raise InputError(f"manifests {', '.join(map(str, paths))} have different labels ({', '.join(sorted(label_sets))}); "
-                         "build them into separate datasets")
+        raise InputError(f"manifests {', '.join(map(str, paths))} have different labels "
+                         f"({', '.join(sorted(label_sets))}); build them into separate datasets")
     sources, seen = [], {}
     for m, path in zip(manifests, paths):
         for src in m["sources"]:

@@ -95,7 +95,8 @@ def run(args) -> int:
     if args.checkpoint and not args.no_random_init:
         x, _ = probe.checkpoint_image_embeddings(args.checkpoint[0], ds, random_seed=args.seed, device=args.device,
                                                  batch_size=args.batch_size)
-        embeddings.append((f"random-init (seed {args.seed})", "random h[S]", f"architecture of {args.checkpoint[0]}", x))
+        embeddings.append((f"random-init (seed {args.seed})", "random h[S]",
+                           f"architecture of {args.checkpoint[0]}", x))
     for name in teachers:
         x, ident = probe.teacher_image_embeddings(ds, teacher=name, device=args.device)
         embeddings.append((f"{name}-teacher", "teacher pooled", ident, x))

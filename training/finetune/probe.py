@@ -2,12 +2,13 @@
 
 For each embedding (a checkpoint's image-side region token h[S], the same architecture at random
 initialisation, a visual teacher's pooled features: EfficientNet-Lite0 or GeoEmbed V3, and eight
-pixel statistics as the floor any learned embedding must clear) a
-standardised ridge regression (RidgeCV) predicts the target (e.g. building fraction); folds are
-whole scenes (source images), so overlapping crops of one image never sit on both sides. Reported: R² over the folds (mean, sd,
-several fold seeds), the effective rank of the centred embeddings (exp of the entropy of the
-normalised squared singular values, Roy & Vetterli 2007) and the variance share of the top
-principal component -- a collapsed embedding has effective rank near 1 and a top share near 1.
+pixel statistics as the floor any learned embedding must clear) a standardised ridge regression
+(RidgeCV) predicts the target (building fraction, count or mean footprint size); folds are whole
+scenes (source images), so overlapping crops of one image never sit on both sides. Reported: R²
+over the folds (mean, sd, several fold seeds), the effective rank of the centred embeddings (exp of
+the entropy of the normalised squared singular values, Roy & Vetterli 2007) and the variance share
+of the top principal component -- a collapsed embedding has effective rank near 1 and a top share
+near 1.
 """
 from __future__ import annotations
 
