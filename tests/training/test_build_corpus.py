@@ -174,21 +174,22 @@ def test_bands_pick_rgb_out_of_a_four_band_file(tmp_path):
 
 
 def test_mask_statistics_count_and_size_footprints():
-    from training.commands.build_corpus import MASK_STATS
+    from training.commands.build_corpus import MASK_STATS, mask_labels
 
     mask = np.zeros((40, 40), np.float32)
     mask[0:10, 0:10] = 1  # 100 px
     mask[20:24, 20:30] = 1  # 40 px
     mask[35, 35] = 1  # one stray pixel: 1 m² at 1 m, below the 5 m² floor
     mask[0:10, 10:12] = 1  # touches the first block: one footprint of 120 px, not two
-    stats = {name: f(mask, 1.0) for name, f in MASK_STATS.items()}
+    stats = mask_labels(mask, 1.0, MASK_STATS)
     assert stats["building_fraction"] == pytest.approx(161 / 1600)
     assert stats["building_count"] == 2.0
     assert stats["building_mean_area_m2"] == pytest.approx((120 + 40) / 2)
     # at 0.5 m a pixel is 0.25 m²: the 40 px block is 10 m², the stray pixel still noise
-    assert MASK_STATS["building_mean_area_m2"](mask, 0.5) == pytest.approx((120 + 40) / 2 * 0.25)
-    assert MASK_STATS["building_count"](np.zeros((8, 8)), 1.0) == 0.0
-    assert MASK_STATS["building_mean_area_m2"](np.zeros((8, 8)), 1.0) == 0.0
+    at_half_metre = mask_labels(mask, 0.5, ["building_mean_area_m2"])
+    assert at_half_metre == {"building_mean_area_m2": pytest.approx((120 + 40) / 2 * 0.25)}
+    assert mask_labels(np.zeros((8, 8)), 1.0, ["building_count", "building_mean_area_m2"]) == {
+        "building_count": 0.0, "building_mean_area_m2": 0.0}
 
 
 def test_several_labels_and_several_manifests(snapshot, tmp_path):

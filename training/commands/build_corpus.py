@@ -34,31 +34,32 @@ VIEWS = (1, 4, 8)
 MIN_FOOTPRINT_M2 = 5.0
 
 
-def _footprints(mask, gsd: float):
-    """Pixel areas of the connected positive regions of a crop's mask (4-connected), noise dropped."""
+def footprint_areas_m2(mask, gsd: float):
+    """Areas (m²) of the connected positive regions of a crop's mask (4-connected), noise dropped."""
     import numpy as np
     from scipy import ndimage
 
     lab, n = ndimage.label(mask > 0.5)
-    sizes = np.bincount(lab.ravel(), minlength=n + 1)[1:]
-    return sizes[sizes * gsd * gsd >= MIN_FOOTPRINT_M2]
+    areas = np.bincount(lab.ravel(), minlength=n + 1)[1:] * (gsd * gsd)
+    return areas[areas >= MIN_FOOTPRINT_M2]
 
 
-def _fraction(mask, gsd):
-    return float(mask.mean())
+# per-crop label name -> statistic of (the crop's mask over its valid pixels, its footprint areas in m²)
+MASK_STATS = {"building_fraction": lambda mask, areas: float(mask.mean()),
+              "building_count": lambda mask, areas: float(len(areas)),
+              "building_mean_area_m2": lambda mask, areas: float(areas.mean()) if len(areas) else 0.0}
 
 
-def _count(mask, gsd):
-    return float(len(_footprints(mask, gsd)))
+def manifest_labels(manifest: dict) -> list:
+    """The label names a manifest asks for: its ``label``, one name or a list (none: [])."""
+    label = manifest.get("label")
+    return [label] if isinstance(label, str) else list(label or [])
 
 
-def _mean_area(mask, gsd):
-    sizes = _footprints(mask, gsd)
-    return float(sizes.mean()) * gsd * gsd if len(sizes) else 0.0
-
-
-# per-crop label name -> statistic of the crop's mask (valid pixels only) at the corpus resolution
-MASK_STATS = {"building_fraction": _fraction, "building_count": _count, "building_mean_area_m2": _mean_area}
+def mask_labels(mask, gsd: float, names) -> dict:
+    """``{name: value}`` of the :data:`MASK_STATS` named, footprints labelled once per crop."""
+    areas = footprint_areas_m2(mask, gsd)
+    return {name: MASK_STATS[name](mask, areas) for name in names}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -99,8 +100,7 @@ def load_manifest(path) -> dict:
     sources = manifest.get("sources")
     if not isinstance(sources, list) or not sources:
         raise InputError(f"manifest {path} has no 'sources' list")
-    labels = manifest.get("label")
-    unknown = [n for n in ([labels] if isinstance(labels, str) else labels or []) if n not in MASK_STATS]
+    unknown = [n for n in manifest_labels(manifest) if n not in MASK_STATS]
     if unknown:
         raise InputError(f"manifest {path}: label {unknown[0]!r} is not a mask statistic; choose from "
                          f"{', '.join(MASK_STATS)}")
@@ -194,7 +194,7 @@ def merge_manifests(manifests, paths) -> dict:
     """One manifest from several: the sources one after another (ids unique over all), size and
     resolution defaults from the first; their labels must agree (a crop has one set of labels)."""
     first = dict(manifests[0])
-    label_sets = {json.dumps(m.get("label")) for m in manifests}
+    label_sets = {json.dumps(manifest_labels(m)) for m in manifests}
     if len(label_sets) > 1:
         raise InputError(f"manifests {', '.join(map(str, paths))} have different labels "
                          f"({', '.join(sorted(label_sets))}); build them into separate datasets")
@@ -255,8 +255,7 @@ def build_corpus(manifest: dict, mirror, out, *, gsd=None, crop=None, stride=Non
         raise InputError(f"--crop {crop} / --stride {stride}: the crop must be >= 16 px and the stride >= 1")
     if views not in VIEWS:
         raise InputError(f"--views {views}: choose 1 (as is), 4 (rotations) or 8 (rotations and mirror images)")
-    label = manifest.get("label")
-    label_names = [label] if isinstance(label, str) else list(label or [])
+    label_names = manifest_labels(manifest)
     cell = crop * gsd
     counts: dict = {}
     scenes = []
@@ -281,7 +280,7 @@ def build_corpus(manifest: dict, mirror, out, *, gsd=None, crop=None, stride=Non
             n = 0
             for col, row, chip, valid, coverage, part in iter_crops(image, mask, crop, stride, min_coverage):
                 x0, y1 = si * 1e5 + col * stride * gsd, -row * stride * gsd  # a virtual plane, one strip per scene
-                labels = {} if part is None else {name: MASK_STATS[name](part, gsd) for name in label_names}
+                labels = {} if part is None else mask_labels(part, gsd, label_names)
                 for k in range(views):
                     cell_id = f"{src['id']}/{col}_{row}" + (f"_v{k}" if k else "")
                     writer.add(RegionSample(cell_id=cell_id, bounds=(x0, y1 - cell, x0 + cell, y1),
