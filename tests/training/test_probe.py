@@ -96,6 +96,26 @@ def test_pixel_statistics_colour_and_edge_density():
     np.testing.assert_allclose(out[1], [0.5, 0.5, 0.5, 0.5, 0.5, 0.5, 1.0, 0.0], atol=1e-6)
 
 
+def test_pixel_statistics_ignore_the_no_data_fill_of_partial_crops():
+    from training.finetune.probe import pixel_statistics
+
+    rng = np.random.default_rng(3)
+    left = rng.integers(0, 256, (8, 5, 3), dtype=np.uint8)  # the valid part of the crop
+    valid = np.zeros((8, 8), bool)
+    valid[:, :5] = True
+    crops = []
+    for fill in (0, 255):  # two no-data fills of the same partial crop
+        crop = np.full((8, 8, 3), fill, np.uint8)
+        crop[:, :5] = left
+        crops.append(crop)
+    out = pixel_statistics(crops, [valid, valid])
+    np.testing.assert_allclose(out[0], out[1], atol=1e-6)  # the fill never enters
+    np.testing.assert_allclose(out[0], pixel_statistics([left])[0], atol=1e-6)  # = the valid part alone
+    assert not np.allclose(pixel_statistics(crops)[0], pixel_statistics(crops)[1])  # without masks it would
+    with pytest.raises(InputError, match="no valid pixel"):
+        pixel_statistics([left], [np.zeros((8, 5), bool)])
+
+
 def test_scene_groups_from_cell_ids(tmp_path):
     ds = _probe_dataset(tmp_path / "ds", scenes=3, per_scene=2)
     codes, names = scene_groups(ds)

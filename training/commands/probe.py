@@ -101,7 +101,8 @@ def run(args) -> int:
         x, ident = probe.teacher_image_embeddings(ds, teacher=name, device=args.device)
         embeddings.append((f"{name}-teacher", "teacher pooled", ident, x))
     if not args.no_pixel_stats:
-        x = probe.pixel_statistics(np.array(ds.images[i]) for i in range(len(ds)))
+        samples = [ds[i] for i in range(len(ds))]
+        x = probe.pixel_statistics([s.image for s in samples], [s.image_valid for s in samples])
         embeddings.append(("pixel-stats", "pixel statistics", "mean, sd of RGB + mean |grey difference| along x, y", x))
     k = min(args.folds, len(scenes))
     print(f"refound probe: {len(ds)} crops from {len(scenes)} scenes, {k} grouped folds x {len(seeds)} fold seeds")

@@ -12,6 +12,8 @@ near 1.
 """
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 
 from refound_core.errors import InputError
@@ -114,18 +116,28 @@ def teacher_image_embeddings(dataset, *, teacher: str = "efficientnet", device: 
     return np.concatenate(out).astype(np.float32), teacher.identity()
 
 
-def pixel_statistics(images) -> np.ndarray:
+def pixel_statistics(images, valid=None) -> np.ndarray:
     """``float32 [N, 8]``, the probe's floor: per-crop mean and sd of R, G, B (in [0, 1]) and the mean
     absolute grey-level difference between neighbouring pixels along x and along y (edge density).
     Written by hand (eight numbers, no library computes this set). An embedding that does not beat
-    these eight numbers has not shown that it knows more than colour and texture."""
+    these eight numbers has not shown that it knows more than colour and texture.
+
+    ``valid`` (optional, one bool ``[H, W]`` mask or None per image, as ``RegionSample.image_valid``)
+    restricts every statistic to the crop's valid pixels, and each difference to pairs of valid
+    neighbours, so the no-data fill of a partial crop never enters the floor."""
     out = []
-    for image in images:
+    masks = valid if valid is not None else itertools.repeat(None)
+    for image, ok in zip(images, masks):
         im = np.asarray(image, dtype=np.float32)[..., :3] / 255.0
+        ok = np.ones(im.shape[:2], bool) if ok is None else np.asarray(ok, dtype=bool)
+        if not ok.any():
+            raise InputError("pixel_statistics: a crop has no valid pixel; a probe set needs imagery in every crop "
+                             "(rebuild it with `refound build-corpus --min-coverage`, which drops crops mostly outside the image)")
         grey = im.mean(axis=-1)
-        flat = im.reshape(-1, 3)
-        out.append(np.r_[flat.mean(0), flat.std(0), np.abs(np.diff(grey, axis=1)).mean(),
-                         np.abs(np.diff(grey, axis=0)).mean()])
+        flat = im[ok]
+        dx = np.abs(np.diff(grey, axis=1))[ok[:, 1:] & ok[:, :-1]]
+        dy = np.abs(np.diff(grey, axis=0))[ok[1:, :] & ok[:-1, :]]
+        out.append(np.r_[flat.mean(0), flat.std(0), dx.mean() if dx.size else 0.0, dy.mean() if dy.size else 0.0])
     return np.asarray(out, dtype=np.float32)
 
 
