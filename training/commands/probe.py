@@ -30,6 +30,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "building_fraction, building_count, building_mean_area_m2 for the probe set)")
     p.add_argument("--folds", type=int, default=5, help="grouped folds (capped at the number of scenes; default 5)")
     p.add_argument("--repeats", type=int, default=3, help="fold seeds: scene-to-fold assignments (default 3)")
+    p.add_argument("--alpha-cv", choices=["scenes", "loo"], default="scenes",
+                   help="how the ridge alpha is chosen inside each training fold: scenes (default: grouped CV "
+                        "over the fold's scenes, so overlapping crops of one scene never sit on both sides) or "
+                        "loo (leave-one-crop-out, the first protocol: leaks near-duplicate crops)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random-initialisation row (default 0)")
     p.add_argument("--no-random-init", action="store_true", help="skip the random-initialisation row")
     p.add_argument("--teacher", action="append", choices=["efficientnet", "geoembed", "none"], default=None,
@@ -85,7 +89,7 @@ def run(args) -> int:
                          f"{' / '.join(repr(n) for n, _ in targets)} value; the probe needs both in every region")
     groups, scenes = probe.scene_groups(ds)
     seeds = list(range(args.repeats))
-    common = dict(folds=args.folds, seeds=seeds)
+    common = dict(folds=args.folds, seeds=seeds, alpha_cv=args.alpha_cv)
     # (name, kind, source, embedding): computed once, probed against every target
     embeddings = []
     for ckpt in args.checkpoint:

@@ -57,20 +57,44 @@ def effective_rank(x) -> tuple:
     return float(np.exp(-(nz * np.log(nz)).sum())), float(p.max())
 
 
-def ridge_r2(x, y, groups, *, folds: int = 5, seeds=(0, 1, 2)) -> dict:
-    """Grouped-CV R² of a standardised RidgeCV (alpha by efficient leave-one-out inside each training
-    fold); returns mean / sd over all folds of all seeds, the per-seed means and every fold value."""
-    from sklearn.linear_model import RidgeCV
-    from sklearn.metrics import r2_score
+ALPHA_CV = ("scenes", "loo")
+
+
+def _fit_ridge(x, y, groups, alpha_cv: str, seed: int):
+    """Standardised ridge fitted on one training fold, alpha chosen inside it.
+
+    ``scenes`` (default): alpha by grouped CV over the training fold's own scenes (up to 5 inner
+    folds, R² scored), so neighbouring crops of one scene, which overlap and are near duplicates,
+    never sit on both sides of the choice. ``loo``: scikit-learn's efficient leave-one-out over crops
+    (the probe's first protocol); it leaks those near duplicates and picks too small an alpha, which
+    lets a read-out fit scene-specific directions and extrapolate wildly on a held-out scene."""
+    from sklearn.linear_model import Ridge, RidgeCV
+    from sklearn.model_selection import GridSearchCV
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
-    x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
+    if alpha_cv == "loo" or len(np.unique(groups)) < 3:
+        return make_pipeline(StandardScaler(), RidgeCV(alphas=ALPHAS)).fit(x, y)
+    if alpha_cv != "scenes":
+        raise InputError(f"alpha_cv {alpha_cv!r} is not one of {ALPHA_CV}")
+    inner = grouped_folds(groups, 5, seed)
+    search = GridSearchCV(make_pipeline(StandardScaler(), Ridge()), {"ridge__alpha": ALPHAS}, cv=inner,
+                          scoring="r2")
+    return search.fit(x, y).best_estimator_
+
+
+def ridge_r2(x, y, groups, *, folds: int = 5, seeds=(0, 1, 2), alpha_cv: str = "scenes") -> dict:
+    """Grouped-CV R² of a standardised ridge regression (alpha chosen inside each training fold, see
+    :func:`_fit_ridge`); returns mean / sd over all folds of all seeds, the per-seed means and every
+    fold value."""
+    from sklearn.metrics import r2_score
+
+    x, y, groups = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64), np.asarray(groups)
     values, per_seed, pooled = [], [], []
     for seed in seeds:
         seed_vals, oof = [], np.empty_like(y)
         for train, test in grouped_folds(groups, folds, seed):
-            model = make_pipeline(StandardScaler(), RidgeCV(alphas=ALPHAS)).fit(x[train], y[train])
+            model = _fit_ridge(x[train], y[train], groups[train], alpha_cv, seed)
             oof[test] = model.predict(x[test])
             seed_vals.append(float(r2_score(y[test], oof[test])))
         values += seed_vals
@@ -141,8 +165,10 @@ def pixel_statistics(images, valid=None) -> np.ndarray:
     return np.asarray(out, dtype=np.float32)
 
 
-def probe_row(name: str, kind: str, x, y, groups, *, folds: int, seeds, source: str = "") -> dict:
+def probe_row(name: str, kind: str, x, y, groups, *, folds: int, seeds, source: str = "",
+              alpha_cv: str = "scenes") -> dict:
     """One table row: R² over grouped folds plus the embedding's effective rank and top-PC share."""
     rank, top = effective_rank(x)
     return {"name": name, "kind": kind, "source": source, "dim": int(np.asarray(x).shape[1]),
-            **ridge_r2(x, y, groups, folds=folds, seeds=seeds), "effective_rank": rank, "top_pc_share": top}
+            **ridge_r2(x, y, groups, folds=folds, seeds=seeds, alpha_cv=alpha_cv),
+            "effective_rank": rank, "top_pc_share": top}

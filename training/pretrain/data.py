@@ -6,7 +6,8 @@ Pieces:
   POI tokenizer and category vocabulary, and the teacher cache made by ``refound teachers``
   (``DS/teacher_cache/<hash>/``, :class:`refound_core.teachers.cache.TeacherTargets`).
 * :class:`PretrainDataset` (a torch ``Dataset``): one region -> its ``EncodedRegion`` plus its
-  teacher rows. The featurizer's randomness (Z-order ties, random POI exclusion) is seeded from
+  teacher rows. The featurizer's randomness (Z-order ties, random POI exclusion) and the optional
+  photometric augmentation of the image (:mod:`training.pretrain.augment`) are seeded from
   ``(seed, epoch, index)``.
 * :class:`PretrainCollator`: pads with ``Featurizer.collate``, stacks the teacher rows and, when
   MGDM is on, applies POI-token and patch masking (:mod:`refound_core.losses.masking`) with a
@@ -32,6 +33,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from refound_core.errors import InputError
 from refound_core.losses.masking import blockwise_patch_mask, mask_poi_tokens
+from training.pretrain.augment import photometric_jitter
 
 TEACHER_CACHE_SUBDIR = "teacher_cache"
 _DROP_KEYS = ("cell_ids", "labels")  # non-tensor collate outputs the engine does not need
@@ -181,11 +183,12 @@ class PretrainDataset(Dataset):
     one set before ``iter(loader)``).
     """
 
-    def __init__(self, data: PretrainData, featurizer, seed: int = 0):
+    def __init__(self, data: PretrainData, featurizer, seed: int = 0, photometric_aug: float = 0.0):
         self.dataset = data.dataset
         self.targets = data.targets
         self.featurizer = featurizer
         self.seed = int(seed)
+        self.photometric_aug = float(photometric_aug)
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -198,6 +201,9 @@ class PretrainDataset(Dataset):
         index = int(index)
         rng = np.random.default_rng(_seed_of(self.seed, self.epoch, index, 1))
         encoded = self.featurizer.encode(self.dataset[index], rng)
+        if self.photometric_aug > 0 and encoded.image is not None:
+            jitter_rng = np.random.default_rng(_seed_of(self.seed, self.epoch, index, 3))
+            encoded.image = photometric_jitter(encoded.image, jitter_rng, self.photometric_aug)
         return index, encoded, self.targets.rows([index])
 
 

@@ -107,6 +107,7 @@ class TrainConfig:
     model: dict = field(default_factory=dict)
     losses: dict = field(default_factory=dict)
     init: Optional[str] = None  # continue pre-training from this checkpoint's backbone (--init)
+    photometric_aug: float = 0.0  # strength of the student-image colour jitter (training/pretrain/augment.py)
 
     def __post_init__(self):
         self.betas = tuple(self.betas)
@@ -469,7 +470,10 @@ def _train(cfg: TrainConfig, info: D.DistInfo, resume: bool) -> TrainResult:
     precision = precision_choice(cfg.precision, device)
 
     tok = data.tokenizer
-    dataset = PretrainDataset(data, featurizer, seed=cfg.seed)
+    if not 0.0 <= float(cfg.photometric_aug) <= 2.0:
+        raise InputError(f"--photometric-aug {cfg.photometric_aug} must lie in [0, 2] "
+                         "(0 = off, 1 = the ranges documented in training/pretrain/augment.py)")
+    dataset = PretrainDataset(data, featurizer, seed=cfg.seed, photometric_aug=cfg.photometric_aug)
     collator = PretrainCollator(featurizer, model_cfg.image_size, model_cfg.patches_per_side, loss_cfg,
                                 vocab_size=model_cfg.vocab_size, mask_id=tok.mask_id,
                                 special_ids=(tok.pad_id, tok.cls_id, tok.sep_id, tok.mask_id), seed=cfg.seed)

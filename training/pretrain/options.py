@@ -50,6 +50,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default=S, help="default auto (GPU if present)")
     p.add_argument("--precision", choices=("auto", "bf16", "fp32"), default=S,
                    help="auto = bf16 autocast on GPUs/CPUs with native bf16, else fp32")
+    p.add_argument("--photometric-aug", type=float, default=S, metavar="STRENGTH",
+                   help="recolour the student's image (brightness, contrast, saturation, white balance, gamma) "
+                        "while teacher targets stay those of the clean image; 0 = off (default), 1 = the ranges "
+                        "in training/pretrain/augment.py, at most 2")
     p.add_argument("--seed", type=int, default=S, help="seed of weights, data order and masks (default 0)")
     p.add_argument("--workers", type=int, default=S, help="DataLoader worker processes per rank (-1 = auto)")
 
@@ -111,7 +115,7 @@ def resolve_config(args) -> dict:
     flags = {}
     for key in ("preset", "data", "teachers", "steps", "epochs", "out", "batch_size", "lr", "warmup_steps",
                 "warmup_epochs", "grad_accum", "clip", "save_every", "log_every", "compile", "device",
-                "precision", "seed", "workers", "init"):
+                "precision", "seed", "workers", "init", "photometric_aug"):
         if key in given:
             flags[key] = given[key]
     losses = {name: False for name in ("dlfm", "dvfm", "dvlfm", "mgdm", "cmsa") if given.get(f"no_{name}")}
