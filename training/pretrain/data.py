@@ -89,6 +89,7 @@ class PretrainData:
     teacher_folder: Path
     tokenizer_dir: Optional[Path] = None   # saved with the checkpoint (default: the dataset's)
     vocab_file: Optional[Path] = None
+    parts: tuple = ()        # the opened datasets of a combined corpus (:meth:`combine`), else empty
 
     def __post_init__(self):
         if self.tokenizer_dir is None:
@@ -170,10 +171,109 @@ class PretrainData:
                           grid_cells=model_cfg.grid_cells, truncation="random")
 
     def provenance(self) -> dict:
-        return {"training_data": {"folder": str(self.folder.resolve()), "regions": len(self.dataset),
-                                  "meta": getattr(self.dataset, "meta", {}).get("provenance")},
-                "teachers": {"cache": str(self.teacher_folder.resolve()),
-                             **(self.targets.meta.get("provenance") or {})}}
+        def one(part):
+            return {"folder": str(part.folder.resolve()), "regions": len(part.dataset),
+                    "meta": getattr(part.dataset, "meta", {}).get("provenance")}
+
+        training_data = one(self)
+        teachers = {"cache": str(self.teacher_folder.resolve()), **(self.targets.meta.get("provenance") or {})}
+        if self.parts:  # a combined corpus: the first part's fields stay where readers look for them
+            training_data["regions"] = len(self.dataset)
+            training_data["parts"] = [one(part) for part in self.parts]
+            teachers["caches"] = [str(part.teacher_folder.resolve()) for part in self.parts]
+        return {"training_data": training_data, "teachers": teachers}
+
+    @classmethod
+    def combine(cls, parts) -> "PretrainData":
+        """Several opened datasets pre-trained on at once (``--data`` repeated), e.g. a synthetic POI
+        city and image-only real imagery, so neither overwrites what the other taught (continued
+        pre-training in sequence does: docs/EVALUATION.md).
+
+        Region ``i`` of part ``k`` is global index ``offset[k] + i``; each part keeps its own teacher
+        cache and its own target centring. All caches must come from the same teachers and share one
+        visual-token codebook (MGDM's classes must mean the same thing everywhere): fit it on one
+        dataset and pass it to the others with ``refound teachers --codebook``. POIs of every part
+        are encoded with the tokenizer and category vocabulary of the first part that has POIs."""
+        parts = list(parts)
+        if len(parts) == 1:
+            return parts[0]
+        first = parts[0]
+        for part in parts[1:]:
+            _check_same_teachers(first, part)
+        with_pois = [p for p in parts if np.asarray(p.targets.poi_valid).any()]
+        vocab_of = with_pois[0] if with_pois else first
+        return cls(first.folder, ConcatRegions([p.dataset for p in parts]), vocab_of.tokenizer,
+                   vocab_of.category_vocab, ConcatTargets([p.targets for p in parts]), first.teacher_folder,
+                   tokenizer_dir=vocab_of.tokenizer_dir, vocab_file=vocab_of.vocab_file, parts=tuple(parts))
+
+
+def _check_same_teachers(a: PretrainData, b: PretrainData) -> None:
+    """Parts of a combined corpus: same teacher identities, target dimensions and codebook."""
+    pa, pb = a.targets.meta.get("provenance") or {}, b.targets.meta.get("provenance") or {}
+    for role in ("describer", "sentence", "visual", "vl"):
+        ua, ub = (pa.get(role) or {}).get("used"), (pb.get(role) or {}).get("used")
+        if ua != ub:
+            raise InputError(f"teacher caches {a.teacher_folder} and {b.teacher_folder} use different {role} "
+                             f"teachers ({ua} vs {ub}); run `refound teachers` on both with the same flags")
+    if a.dims != b.dims:
+        raise InputError(f"teacher caches {a.teacher_folder} and {b.teacher_folder} have different target "
+                         f"dimensions ({a.dims} vs {b.dims}); run `refound teachers` on both with the same flags")
+    ca, cb = np.asarray(a.targets.codebook.centroids), np.asarray(b.targets.codebook.centroids)
+    if ca.shape != cb.shape or not np.array_equal(ca, cb):
+        raise InputError(f"teacher caches {a.teacher_folder} and {b.teacher_folder} have different visual-token "
+                         f"codebooks, so MGDM's codes would mean different things; reuse one: `refound teachers "
+                         f"--data {b.folder} --codebook {a.targets.codebook_path}`")
+
+
+class ConcatRegions:
+    """Several region datasets as one index space (:meth:`PretrainData.combine`)."""
+
+    def __init__(self, parts):
+        self.parts = list(parts)
+        self.offsets = np.cumsum([0] + [len(p) for p in self.parts])
+
+    def __len__(self) -> int:
+        return int(self.offsets[-1])
+
+    def locate(self, index: int) -> tuple:
+        """``(part, index inside the part)`` of a global index."""
+        index = int(index)
+        if not 0 <= index < len(self):
+            raise IndexError(f"index {index} out of range for {len(self)} regions")
+        k = int(np.searchsorted(self.offsets, index, side="right")) - 1
+        return k, index - int(self.offsets[k])
+
+    def __getitem__(self, index: int):
+        k, i = self.locate(index)
+        return self.parts[k][i]
+
+
+class ConcatTargets:
+    """The teacher targets of a combined corpus, indexed like :class:`ConcatRegions`; each part's
+    rows are normalised with that part's own statistics."""
+
+    def __init__(self, parts):
+        self.parts = list(parts)
+        self.regions = ConcatRegions(self.parts)
+        first = self.parts[0]
+        self.meta, self.codebook, self.folder = first.meta, first.codebook, first.folder
+        self.u_P, self.u_S = first.u_P, first.u_S  # for the target dimensions only
+
+    def __len__(self) -> int:
+        return len(self.regions)
+
+    @property
+    def num_codes(self) -> int:
+        return self.codebook.num_codes
+
+    @property
+    def codebook_path(self) -> Path:
+        return self.parts[0].codebook_path
+
+    def rows(self, indices) -> dict:
+        located = [self.regions.locate(i) for i in np.asarray(indices, dtype=np.int64).reshape(-1)]
+        rows = [self.parts[k].rows([i]) for k, i in located]
+        return {key: np.concatenate([r[key] for r in rows]) for key in rows[0]}
 
 
 class PretrainDataset(Dataset):

@@ -78,10 +78,10 @@ class TrainConfig:
     ``losses``: LossConfig fields (switches, weights, masking ratios, temperature).
     """
 
-    data: str = ""
+    data: object = ""  # a dataset folder, or a list of them (a combined corpus)
     out: str = ""
     preset: str = "base"
-    teachers: Optional[str] = None
+    teachers: object = None  # None, one cache folder, or one per dataset
     steps: Optional[int] = None
     epochs: Optional[float] = None
     batch_size: int = 80
@@ -114,6 +114,21 @@ class TrainConfig:
 
     def loss_config(self) -> LossConfig:
         return LossConfig.from_dict(self.losses)
+
+    def data_folders(self) -> list:
+        """``data`` as a list: one folder, or several pre-trained on at once (``--data`` repeated)."""
+        return [str(d) for d in self.data] if isinstance(self.data, (list, tuple)) else [str(self.data)]
+
+    def teacher_folders(self) -> list:
+        """One teacher cache (or None: the dataset's only one) per :meth:`data_folders` entry."""
+        given = self.teachers if isinstance(self.teachers, (list, tuple)) else [self.teachers]
+        folders = self.data_folders()
+        if given == [None]:
+            return [None] * len(folders)
+        if len(given) != len(folders):
+            raise InputError(f"{len(given)} --teachers for {len(folders)} --data: give one teacher cache per "
+                             "dataset, in the same order, or none (each dataset's only cache)")
+        return [str(t) for t in given]
 
     def validate(self) -> None:
         if not self.data:
@@ -451,7 +466,9 @@ def _train(cfg: TrainConfig, info: D.DistInfo, resume: bool) -> TrainResult:
         model_cfg = init.config if init is not None else preset(cfg.preset, **cfg.model)
     except (TypeError, ValueError) as exc:
         raise InputError(f"bad model settings for preset {cfg.preset!r}: {exc}") from None
-    data = PretrainData.open(cfg.data, model_cfg.patches_per_side, cfg.teachers, loss_cfg.teacher_targets)
+    data = PretrainData.combine(
+        PretrainData.open(folder, model_cfg.patches_per_side, teachers, loss_cfg.teacher_targets)
+        for folder, teachers in zip(cfg.data_folders(), cfg.teacher_folders()))
     if init is not None:
         data.adopt_vocabulary(init.files)
     model_cfg = model_cfg.replace(vocab_size=data.vocab_size, num_categories=data.num_categories)
@@ -480,7 +497,8 @@ def _train(cfg: TrainConfig, info: D.DistInfo, resume: bool) -> TrainResult:
     sampler = ResumableSampler(len(dataset), num_replicas=info.world_size, rank=info.rank, seed=cfg.seed)
     per_epoch = sampler.num_samples // cfg.batch_size // cfg.grad_accum
     if per_epoch < 1:
-        raise InputError(f"dataset {cfg.data} has {len(dataset)} regions: fewer than one optimizer step of "
+        raise InputError(f"dataset {', '.join(cfg.data_folders())} has {len(dataset)} regions: fewer than one "
+                         "optimizer step of "
                          f"{cfg.batch_size} x {cfg.grad_accum} regions per process x {info.world_size} processes; "
                          "lower --batch-size / --grad-accum or use more data")
     total = int(cfg.steps) if cfg.steps is not None else int(math.ceil(cfg.epochs * per_epoch))

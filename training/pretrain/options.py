@@ -17,9 +17,13 @@ ABLATION_FLAGS = ("dlfm", "dvfm", "dvlfm", "dist", "mgdm", "cmsa")
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preset", choices=("tiny", "small", "base"), default=S,
                    help="model size (base = the paper's 12 x 768; default base)")
-    p.add_argument("--data", metavar="DS", default=S, help="region dataset folder (`refound build-dataset`)")
-    p.add_argument("--teachers", metavar="CACHE", default=S,
-                   help="teacher cache folder DS/teacher_cache/<hash> (default: the one matching the preset)")
+    p.add_argument("--data", metavar="DS", action="append", default=S,
+                   help="region dataset folder (`refound build-dataset` / `build-corpus`); repeat to pre-train on "
+                        "several at once (e.g. a POI city and image-only real imagery; their teacher caches must "
+                        "share one codebook: `refound teachers --codebook`)")
+    p.add_argument("--teachers", metavar="CACHE", action="append", default=S,
+                   help="teacher cache folder DS/teacher_cache/<hash> (default: the one matching the preset); "
+                        "with several --data, one per dataset in the same order")
     length = p.add_mutually_exclusive_group()
     length.add_argument("--steps", type=int, default=S, help="optimizer steps to train")
     length.add_argument("--epochs", type=float, default=S, help="epochs to train (paper: 300)")
@@ -118,6 +122,9 @@ def resolve_config(args) -> dict:
                 "precision", "seed", "workers", "init", "photometric_aug"):
         if key in given:
             flags[key] = given[key]
+    for key in ("data", "teachers"):  # repeatable flags: one value stays a plain string
+        if isinstance(flags.get(key), list) and len(flags[key]) == 1:
+            flags[key] = flags[key][0]
     losses = {name: False for name in ("dlfm", "dvfm", "dvlfm", "mgdm", "cmsa") if given.get(f"no_{name}")}
     if given.get("no_dist"):
         losses.update(dlfm=False, dvfm=False, dvlfm=False)
