@@ -78,6 +78,9 @@ def test_pretrain_on_two_datasets_trains_on_both_and_records_both(tmp_path, pret
     assert [p["folder"] for p in parts] == [str(pretrain_ds.resolve()), str(img.resolve())]
     assert prov["training_data"]["regions"] == sum(p["regions"] for p in parts)
     assert len(prov["teachers"]["caches"]) == 2
+    from training.commands.doctor import checkpoint_report
+
+    assert checkpoint_report(out)["training_data"] == f"{pretrain_ds.resolve()}, {img.resolve()}"
     with pytest.raises(InputError, match="one teacher cache per dataset"):
         TrainConfig(data=[str(pretrain_ds), str(img)], teachers=["x"]).teacher_folders()
 

@@ -84,9 +84,11 @@ def checkpoint_report(path) -> dict:
     ck = load_checkpoint(path, with_head=True)
     prov = ck.provenance or {}
     data = (prov.get("training_data") or {}) if isinstance(prov.get("training_data"), dict) else {}
+    parts = [p.get("folder") for p in data.get("parts") or []]  # a combined corpus (--data repeated)
+    trained_on = ", ".join(dict.fromkeys(parts)) if parts else (data.get("folder") or prov.get("training_data"))
     return {"path": str(ck.path), "model": ck.config.name,
             "parameters": int(sum(p.numel() for p in ck.model.parameters())),
-            "task": (ck.task or {}).get("name"), "training_data": data.get("folder") or prov.get("training_data"),
+            "task": (ck.task or {}).get("name"), "training_data": trained_on,
             "pretraining": prov.get("pretraining") or (prov.get("base_provenance") or {}).get("pretraining"),
             "teachers": teachers_of(prov), "teachers_line": teachers_line(prov)}
 
