@@ -70,7 +70,7 @@ def test_pretrain_on_two_datasets_trains_on_both_and_records_both(tmp_path, pret
     out = tmp_path / "run"
     cfg = TrainConfig(data=[str(pretrain_ds), str(img)], out=str(out), preset="tiny", batch_size=8, lr=2e-3,
                       warmup_steps=1, save_every=0, device="cpu", precision="fp32", workers=0, log_every=1000,
-                      tensorboard=False, steps=8)
+                      tensorboard=False, steps=8, photometric_aug=0.5)
     result = train(cfg)
     assert result.steps == 8
     prov = json.loads((out / "provenance.json").read_text())
@@ -78,6 +78,7 @@ def test_pretrain_on_two_datasets_trains_on_both_and_records_both(tmp_path, pret
     assert [p["folder"] for p in parts] == [str(pretrain_ds.resolve()), str(img.resolve())]
     assert prov["training_data"]["regions"] == sum(p["regions"] for p in parts)
     assert len(prov["teachers"]["caches"]) == 2
+    assert prov["pretraining"]["photometric_aug"] == 0.5
     from training.commands.doctor import checkpoint_report
 
     assert checkpoint_report(out)["training_data"] == f"{pretrain_ds.resolve()}, {img.resolve()}"

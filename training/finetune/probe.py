@@ -155,8 +155,9 @@ def pixel_statistics(images, valid=None) -> np.ndarray:
         im = np.asarray(image, dtype=np.float32)[..., :3] / 255.0
         ok = np.ones(im.shape[:2], bool) if ok is None else np.asarray(ok, dtype=bool)
         if not ok.any():
-            raise InputError("pixel_statistics: a crop has no valid pixel; a probe set needs imagery in every crop "
-                             "(rebuild it with `refound build-corpus --min-coverage`, which drops crops mostly outside the image)")
+            raise InputError("pixel_statistics: a crop has no valid pixel; a probe set needs imagery in every "
+                             "crop (rebuild it with `refound build-corpus --min-coverage`, which drops crops "
+                             "mostly outside the image)")
         grey = im.mean(axis=-1)
         flat = im[ok]
         dx = np.abs(np.diff(grey, axis=1))[ok[:, 1:] & ok[:, :-1]]

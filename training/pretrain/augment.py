@@ -23,7 +23,10 @@ def photometric_jitter(image: np.ndarray, rng: np.random.Generator, strength: fl
     if strength <= 0 or image is None:
         return image
     s = float(strength)
-    u = lambda half: rng.uniform(1.0 - half * s, 1.0 + half * s)  # noqa: E731 - a one-line draw
+
+    def u(half):  # a factor drawn from U(1 - half * s, 1 + half * s)
+        return rng.uniform(1.0 - half * s, 1.0 + half * s)
+
     x = image.astype(np.float32) / 255.0
     x = x * (u(0.4) * np.array([u(0.1), u(0.1), u(0.1)], np.float32)[:, None, None])  # brightness, gains
     grey = x.mean(axis=0, keepdims=True)

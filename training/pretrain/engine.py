@@ -589,6 +589,7 @@ def _train(cfg: TrainConfig, info: D.DistInfo, resume: bool) -> TrainResult:
         if info.is_main:
             prov = {**data.provenance(), "pretraining": {"steps": step, "objectives": list(loss_cfg.active()),
                                                          "teacher_targets": loss_cfg.teacher_targets,
+                                                         "photometric_aug": float(cfg.photometric_aug),
                                                          "config": str(run_dir / CONFIG_NAME)}}
             if init is not None:
                 prov["pretraining"]["init"] = _init_provenance(init)
