@@ -3,8 +3,9 @@
 For each embedding (a checkpoint's image-side region token h[S], the same architecture at random
 initialisation, a visual teacher's pooled features: EfficientNet-Lite0 or GeoEmbed V3, and eight
 pixel statistics as the floor any learned embedding must clear) a standardised ridge regression
-(RidgeCV) predicts the target (building fraction, count or mean footprint size); folds are whole
-scenes (source images), so overlapping crops of one image never sit on both sides. Reported: R²
+predicts the target (building fraction, count or mean footprint size); folds are whole scenes
+(source images), so overlapping crops of one image never sit on both sides, and alpha is chosen
+inside each training fold over its scenes too (:func:`_fit_ridge`). Reported: R²
 over the folds (mean, sd, several fold seeds), the effective rank of the centred embeddings (exp of
 the entropy of the normalised squared singular values, Roy & Vetterli 2007) and the variance share
 of the top principal component -- a collapsed embedding has effective rank near 1 and a top share
@@ -67,16 +68,17 @@ def _fit_ridge(x, y, groups, alpha_cv: str, seed: int):
     folds, R² scored), so neighbouring crops of one scene, which overlap and are near duplicates,
     never sit on both sides of the choice. ``loo``: scikit-learn's efficient leave-one-out over crops
     (the probe's first protocol); it leaks those near duplicates and picks too small an alpha, which
-    lets a read-out fit scene-specific directions and extrapolate wildly on a held-out scene."""
+    lets a read-out fit scene-specific directions and extrapolate wildly on a held-out scene.
+    A training fold with fewer than 3 scenes has too few for inner folds and uses ``loo``."""
     from sklearn.linear_model import Ridge, RidgeCV
     from sklearn.model_selection import GridSearchCV
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
+    if alpha_cv not in ALPHA_CV:
+        raise InputError(f"alpha_cv {alpha_cv!r} is not one of {ALPHA_CV}")
     if alpha_cv == "loo" or len(np.unique(groups)) < 3:
         return make_pipeline(StandardScaler(), RidgeCV(alphas=ALPHAS)).fit(x, y)
-    if alpha_cv != "scenes":
-        raise InputError(f"alpha_cv {alpha_cv!r} is not one of {ALPHA_CV}")
     inner = grouped_folds(groups, 5, seed)
     search = GridSearchCV(make_pipeline(StandardScaler(), Ridge()), {"ridge__alpha": ALPHAS}, cv=inner,
                           scoring="r2")

@@ -160,7 +160,10 @@ class PretrainData:
 
     @property
     def dims(self) -> dict:
-        """Teacher dimensions for :class:`~refound_core.losses.PretrainHeads`."""
+        """Teacher dimensions for :class:`~refound_core.losses.PretrainHeads` (a combined corpus:
+        its first part's, which :meth:`combine` checked every part shares)."""
+        if self.parts:
+            return self.parts[0].dims
         return {"llm_dim": int(self.targets.u_P.shape[1]), "vfm_dim": int(self.targets.u_S.shape[1]),
                 "codebook_size": int(self.targets.num_codes)}
 
@@ -257,7 +260,6 @@ class ConcatTargets:
         self.regions = ConcatRegions(self.parts)
         first = self.parts[0]
         self.meta, self.codebook, self.folder = first.meta, first.codebook, first.folder
-        self.u_P, self.u_S = first.u_P, first.u_S  # for the target dimensions only
 
     def __len__(self) -> int:
         return len(self.regions)
