@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from refound_core.config_keys import unknown_keys
 from refound_core.losses.cmsa import cmsa_targets, compute_cmsa  # noqa: F401
 from refound_core.losses.dlfm import compute_dlfm
-from refound_core.losses.dvfm import compute_dvfm
+from refound_core.losses.dvfm import compute_dvfm, compute_dvfm_patch
 from refound_core.losses.dvlfm import compute_dvlfm
 from refound_core.losses.mgdm import compute_mgdm
 from refound_core.losses.pretrain_heads import PretrainHeads  # noqa: F401
@@ -46,7 +46,10 @@ class LossConfig:
         patch_mask_ratio: MGDM share of masked image patches (A.2.1: 40%).
         min_block_patches: BEiT's smallest masking block (16 patches).
         dvlfm_proj_dim: width of mu_POI / mu_Sate (paper: unspecified; 0 = hidden size).
-        teacher_targets: how u_P, u_S and v_S are normalised before distillation: ``centered``
+        w_dvfm_patch: weight of the dense DVFM term (per-patch teacher features; an addition to
+            the paper, docs/PRETRAINING.md choice 16). 0 (default) = off, the paper's objective; it
+            runs only with DVFM on and needs a teacher cache with patch features.
+        teacher_targets: how u_P, u_S and v_S (and the patch features) are normalised before distillation: ``centered``
             (default: minus the corpus mean, which stops the student from collapsing onto the
             teachers' shared direction), ``zscore``, or ``raw`` (the paper read literally);
             see ``refound_core.teachers.cache`` and docs/PRETRAINING.md.
@@ -62,6 +65,7 @@ class LossConfig:
     w_dvlfm: float = 1.0
     w_mgdm: float = 1.0
     w_cmsa: float = 1.0
+    w_dvfm_patch: float = 0.0
     temperature: float = 0.07
     poi_mask_ratio: float = 0.15
     mask_token_prob: float = 0.8
@@ -79,14 +83,19 @@ class LossConfig:
             raise ValueError("mask_token_prob + random_token_prob must not exceed 1")
         if self.teacher_targets not in ("raw", "centered", "zscore"):
             raise ValueError(f"LossConfig.teacher_targets must be raw, centered or zscore, got {self.teacher_targets!r}")
+        if self.w_dvfm_patch < 0:
+            raise ValueError(f"LossConfig.w_dvfm_patch must not be negative, got {self.w_dvfm_patch}")
         if self.temperature <= 0:
             raise ValueError(f"LossConfig.temperature must be positive, got {self.temperature}")
 
     def active(self) -> tuple:
-        """Objectives that run, in paper order. CMSA runs only with MGDM (it needs M_S)."""
+        """Objectives that run, in paper order. CMSA runs only with MGDM (it needs M_S); the dense
+        DVFM term (not one of the paper's five) comes right after DVFM when its weight is positive."""
         on = [name for name in OBJECTIVES if getattr(self, name)]
         if "cmsa" in on and "mgdm" not in on:
             on.remove("cmsa")
+        if "dvfm" in on and self.w_dvfm_patch > 0:
+            on.insert(on.index("dvfm") + 1, "dvfm_patch")
         return tuple(on)
 
     @property
@@ -119,7 +128,8 @@ class LossConfig:
         return cls(**d)
 
 
-_COMPUTE = {"dlfm": compute_dlfm, "dvfm": compute_dvfm, "mgdm": compute_mgdm, "cmsa": compute_cmsa}
+_COMPUTE = {"dlfm": compute_dlfm, "dvfm": compute_dvfm, "dvfm_patch": compute_dvfm_patch, "mgdm": compute_mgdm,
+            "cmsa": compute_cmsa}
 
 
 def compute_losses(outputs, batch: dict, heads, cfg: LossConfig) -> dict:
@@ -152,5 +162,5 @@ def compute_losses(outputs, batch: dict, heads, cfg: LossConfig) -> dict:
 
 
 __all__ = ["LossConfig", "compute_losses", "PretrainHeads", "OBJECTIVES", "ABLATIONS", "cmsa_targets",
-           "compute_dlfm", "compute_dvfm", "compute_dvlfm", "compute_mgdm", "compute_cmsa"]
+           "compute_dlfm", "compute_dvfm", "compute_dvfm_patch", "compute_dvlfm", "compute_mgdm", "compute_cmsa"]
 

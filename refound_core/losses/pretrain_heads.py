@@ -8,6 +8,7 @@ name               paper                                        shape
 =================  ==========================================  =============================
 ``sigma_poi``      sigma_POI, linear, DLFM (Eq. 3)              H -> dim(u_P)
 ``sigma_sate``     sigma_Sate, linear, DVFM (Eq. 4)             H -> dim(u_S)
+``sigma_patch``    linear, dense DVFM (ours, off by default)     H -> dim(patch features)
 ``mu_poi``         mu_POI, linear, DVLFM (Eq. 5)                H -> proj_dim
 ``mu_sate``        mu_Sate, linear, DVLFM (Eq. 5)               H -> proj_dim
 ``mgdm_poi``       2-layer MLP + softmax, MGDM tokens (Eq. 6)   H -> H -> vocab_size
@@ -37,12 +38,14 @@ class PretrainHeads(nn.Module):
         llm_dim: dimension of the LLM-feature u_P (needed when DLFM is on).
         vfm_dim: dimension of the VFM feature u_S (needed when DVFM is on).
         codebook_size: number of discrete visual tokens (needed when MGDM is on).
+        patch_dim: channels of the per-patch teacher features (needed for the dense DVFM term).
         proj_dim: width of the DVLFM projections mu_POI / mu_Sate. The paper does not give it;
             only cosines of the two projections are used, so any width works; default H.
     """
 
     def __init__(self, model_cfg, loss_cfg, *, llm_dim: Optional[int] = None, vfm_dim: Optional[int] = None,
-                 codebook_size: Optional[int] = None, proj_dim: Optional[int] = None):
+                 codebook_size: Optional[int] = None, proj_dim: Optional[int] = None,
+                 patch_dim: Optional[int] = None):
         super().__init__()
         h = model_cfg.hidden_size
         self.grid_cells = int(model_cfg.grid_cells)
@@ -53,6 +56,8 @@ class PretrainHeads(nn.Module):
             self.sigma_poi = nn.Linear(h, _need(llm_dim, "llm_dim (dimension of u_P)", "DLFM"))
         if "dvfm" in active:
             self.sigma_sate = nn.Linear(h, _need(vfm_dim, "vfm_dim (dimension of u_S)", "DVFM"))
+        if "dvfm_patch" in active:
+            self.sigma_patch = nn.Linear(h, _need(patch_dim, "patch_dim (channels of the patch features)", "dense DVFM"))
         if "dvlfm" in active:
             p = int(proj_dim or h)
             self.mu_poi = nn.Linear(h, p)

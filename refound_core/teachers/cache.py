@@ -11,6 +11,10 @@ teacher. Files (row ``i`` = sample ``i``):
   the visual teacher (meta ``"v_S": "u_S"``), as the paper's matrix uses image embeddings only
 * ``visual_tokens.npy`` ``int16 [N, patches_per_side**2]`` MGDM targets (Eq. 6); ``IGNORE_TOKEN`` (-100,
   PyTorch's default ``ignore_index``) where a region has no image
+* ``patch_features.npy`` ``float16 [N, patches_per_side**2, C]`` the tokenizer's per-patch teacher
+  features (what the codebook quantises), kept for the optional dense DVFM term
+  (``refound_core.losses.dvfm``); absent when they would exceed the spill limit, and in format-1
+  caches (written before 2026-12-08)
 * ``codebook.safetensors`` the visual tokenizer's codebook (ship it with the model)
 * ``descriptions.jsonl`` one ``{"i", "cell_id", "text"}`` line per sample
 * ``meta.json`` identities, paper-vs-ours provenance, shapes, counts; written last
@@ -50,7 +54,8 @@ from refound_core.teachers.sentence import embed_long_texts
 from refound_core.teachers.tokenizer_vq import Codebook
 
 log = logging.getLogger(__name__)
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2  # 2: also stores patch_features.npy; format-1 caches are still read
+READABLE_FORMATS = (1, 2)
 IGNORE_TOKEN = -100
 CACHE_SUBDIR = "teacher_cache"
 
@@ -70,6 +75,7 @@ class TeacherTargets:
     codebook: Codebook
     norm: str = "raw"
     stats: Optional[dict] = None
+    patch_features: Optional[np.ndarray] = None
 
     def __len__(self) -> int:
         return int(self.u_P.shape[0])
@@ -89,17 +95,19 @@ class TeacherTargets:
         if not meta_path.is_file():
             raise InputError(f"{folder} is not a complete teacher cache (no meta.json): run `refound teachers`")
         meta = json.loads(meta_path.read_text(encoding="utf-8"))
-        if meta.get("format") != CACHE_FORMAT:
-            raise InputError(f"teacher cache {folder} has format {meta.get('format')}, expected {CACHE_FORMAT}: "
-                             "delete it and run `refound teachers` again")
+        if meta.get("format") not in READABLE_FORMATS:
+            raise InputError(f"teacher cache {folder} has format {meta.get('format')}, expected one of "
+                             f"{READABLE_FORMATS}: delete it and run `refound teachers` again")
 
         def arr(name):
             return np.load(folder / f"{name}.npy", mmap_mode="r")
 
         u_S = arr("u_S")
+        patches = arr("patch_features") if meta.get("patch_features") else None
         return cls(folder=folder, meta=meta, u_P=arr("u_P"), poi_valid=arr("poi_valid"), u_S=u_S,
                    image_valid=arr("image_valid"), v_S=u_S if meta["v_S"] == "u_S" else arr("v_S"),
-                   visual_tokens=arr("visual_tokens"), codebook=Codebook.load(folder / "codebook.safetensors"))
+                   visual_tokens=arr("visual_tokens"), codebook=Codebook.load(folder / "codebook.safetensors"),
+                   patch_features=patches)
 
     def __reduce__(self):
         # DataLoader workers started by spawn get the folder and reopen the memory maps, instead of
@@ -116,7 +124,27 @@ class TeacherTargets:
         if mode != "raw":
             stats = {"u_P": _moments(self.u_P, self.poi_valid), "u_S": _moments(self.u_S, self.image_valid)}
             stats["v_S"] = stats["u_S"] if self.v_S is self.u_S else _moments(self.v_S, self.image_valid)
+            if self.patch_features is not None:
+                stats["patch_features"] = _moments(self.patch_features, self.image_valid)
         return dataclasses.replace(self, norm=mode, stats=stats)
+
+    @property
+    def has_patch_features(self) -> bool:
+        return self.patch_features is not None
+
+    def patch_rows(self, indices) -> np.ndarray:
+        """``float32 [B, P, C]`` per-patch teacher features of a batch, normalised like u_S (zero
+        where the region has no image). Only when :attr:`has_patch_features`."""
+        idx = np.asarray(indices, dtype=np.int64)
+        x = np.asarray(self.patch_features[idx], dtype=np.float32)
+        if self.norm == "raw":
+            return x
+        mean, std = self.stats["patch_features"]
+        x = x - mean
+        if self.norm == "zscore":
+            x = x / std
+        x[~np.asarray(self.image_valid[idx]).astype(bool)] = 0.0
+        return x
 
     def _norm(self, name: str, x: np.ndarray, valid: np.ndarray) -> np.ndarray:
         if self.norm == "raw":
@@ -134,7 +162,8 @@ class TeacherTargets:
             return [json.loads(line)["text"] for line in fh]
 
     def rows(self, indices) -> dict:
-        """Teacher targets of a batch of sample indices, as in-memory arrays (float32 features)."""
+        """Teacher targets of a batch of sample indices, as in-memory arrays (float32 features;
+        ``patch_features`` too when the cache has them)."""
         idx = np.asarray(indices, dtype=np.int64)
         poi_valid, image_valid = np.asarray(self.poi_valid[idx]), np.asarray(self.image_valid[idx])
         return {
@@ -144,6 +173,7 @@ class TeacherTargets:
             "v_S": self._norm("v_S", np.asarray(self.v_S[idx], dtype=np.float32), image_valid),
             "image_valid": image_valid,
             "visual_tokens": np.asarray(self.visual_tokens[idx], dtype=np.int64),
+            **({"patch_features": self.patch_rows(idx)} if self.has_patch_features else {}),
         }
 
 
@@ -156,11 +186,15 @@ def _reopen(folder: str, norm: str) -> "TeacherTargets":
 
 
 def _moments(arr: np.ndarray, valid: np.ndarray, chunk: int = 8192) -> tuple:
-    """float32 mean and std (floored at 1e-6) over the rows where ``valid``, read ``chunk`` rows at a time."""
-    d = arr.shape[1]
+    """float32 per-channel mean and std (floored at 1e-6) over the rows where ``valid``, read about
+    ``chunk`` vectors at a time. ``arr`` is ``[N, d]`` or ``[N, P, d]`` (patch features: every patch of
+    a valid row counts)."""
+    d = arr.shape[-1]
+    step = max(1, chunk // int(np.prod(arr.shape[1:-1], dtype=np.int64)))
     total, sq, n = np.zeros(d, np.float64), np.zeros(d, np.float64), 0
-    for start in range(0, arr.shape[0], chunk):
-        rows = np.asarray(arr[start:start + chunk], dtype=np.float64)[np.asarray(valid[start:start + chunk], bool)]
+    for start in range(0, arr.shape[0], step):
+        rows = np.asarray(arr[start:start + step], dtype=np.float64)[np.asarray(valid[start:start + step], bool)]
+        rows = rows.reshape(-1, d)
         total += rows.sum(axis=0)
         sq += (rows ** 2).sum(axis=0)
         n += len(rows)
@@ -253,8 +287,9 @@ class TeacherCache:
 
         ``samples`` is any sequence of ``RegionSample`` (``len`` and ``[i]``). ``patches_per_side``
         is the model's patch grid (``ModelConfig.patches_per_side``): one visual token per patch.
-        Patch features for fitting the codebook are kept in a temporary float16 file when they fit
-        in ``spill_limit_bytes``, otherwise recomputed in a second pass.
+        The per-patch teacher features are kept as ``patch_features.npy`` (float16: the codebook's
+        fit input and the dense DVFM targets) when they fit in ``spill_limit_bytes``; otherwise the
+        codebook is fitted on an in-memory sample and the tokens are assigned in a second pass.
 
         Resumable: the work lives in ``teacher_cache/.<hash>.partial/`` with the number of finished
         rows, written after every batch; a killed computation (Ctrl-C, SIGTERM, kill -9) is
@@ -307,9 +342,11 @@ class TeacherCache:
         tok = teachers.tokenizer
         featurizer = tok.featurizer
         fit = tok.codebook is None
-        spill_ok = fit and n * n_patches * featurizer.feature_dim * 2 <= spill_limit_bytes
+        # The per-patch features are kept (patch_features.npy: the codebook's fit input and the dense
+        # DVFM targets) when they fit in spill_limit_bytes; otherwise the fit samples them in memory.
+        keep = n * n_patches * featurizer.feature_dim * 2 <= spill_limit_bytes
         done = _rows_done(tmp)
-        if done and fit and not spill_ok:
+        if done and fit and not keep:
             # the in-memory codebook sample of the big-dataset path is not on disk: start over
             log_fn(f"teacher cache: {tmp} cannot be resumed (codebook sample held in memory); starting over")
             done = 0
@@ -330,7 +367,7 @@ class TeacherCache:
         u_S = mm("u_S.npy", dtype, (n, teachers.visual.dim))
         v_S = None if teachers.vl_is_visual else mm("v_S.npy", dtype, (n, teachers.vl.dim))
         tokens = mm("visual_tokens.npy", np.int16, (n, n_patches))
-        spill = mm("patch_features.tmp.npy", np.float16, (n, n_patches, featurizer.feature_dim)) if spill_ok else None
+        patches = mm("patch_features.npy", np.float16, (n, n_patches, featurizer.feature_dim)) if keep else None
         if done:
             flags = np.load(tmp / "valid.partial.npz")
             poi_valid, image_valid = flags["poi_valid"].copy(), flags["image_valid"].copy()
@@ -379,28 +416,28 @@ class TeacherCache:
                     u_S[rows], feats = teachers.image_targets(images, grid)
                     if v_S is not None:
                         v_S[rows] = teachers.vl.embed_images(images)
+                    if patches is not None:
+                        patches[rows] = feats
                     if not fit:
                         tokens[rows] = tok.codebook.assign(feats)
-                    elif spill is not None:
-                        spill[rows] = feats
-                    else:
+                    elif patches is None:
                         for f in feats:  # sorted and float16: the same fit input as the spilled path
                             keep = np.sort(rng.choice(n_patches, min(per_image, n_patches), replace=False))
                             fit_parts.append(f[keep].astype(np.float16))
                     image_valid[rows] = True
                 desc_fh.flush()
-                _checkpoint(tmp, idx[-1] + 1, poi_valid, image_valid, (u_P, u_S, v_S, tokens, spill))
+                _checkpoint(tmp, idx[-1] + 1, poi_valid, image_valid, (u_P, u_S, v_S, tokens, patches))
                 bar.update(len(idx))
         bar.close()
 
         codebook = tok.codebook
         if fit:
             valid_rows = np.flatnonzero(image_valid)
-            if spill is not None:
+            if patches is not None:
                 total = len(valid_rows) * n_patches
                 pick = np.arange(total) if total <= tok.max_fit_vectors else np.sort(
                     rng.choice(total, tok.max_fit_vectors, replace=False))
-                sample = np.asarray(spill[valid_rows[pick // n_patches], pick % n_patches], dtype=np.float32)
+                sample = np.asarray(patches[valid_rows[pick // n_patches], pick % n_patches], dtype=np.float32)
             else:
                 sample = (np.concatenate(fit_parts).astype(np.float32) if fit_parts
                           else np.zeros((0, featurizer.feature_dim), np.float32))
@@ -408,19 +445,16 @@ class TeacherCache:
             bar = _progress(len(valid_rows), "visual tokens", progress)
             for start in range(0, len(valid_rows), batch_size):
                 rows = valid_rows[start:start + batch_size]
-                if spill is not None:
-                    feats = np.asarray(spill[rows], dtype=np.float32)
+                if patches is not None:
+                    feats = np.asarray(patches[rows], dtype=np.float32)
                 else:
                     feats = featurizer.patch_features([samples[int(i)].image for i in rows], grid)
                 tokens[rows] = codebook.assign(feats)
                 bar.update(len(rows))
             bar.close()
-            if spill is not None:
-                del spill
-                os.remove(tmp / "patch_features.tmp.npy")
         codebook.save(tmp / "codebook.safetensors")
 
-        for arr in (u_P, u_S, v_S, tokens):
+        for arr in (u_P, u_S, v_S, tokens, patches):
             if arr is not None:
                 arr.flush()
         np.save(tmp / "poi_valid.npy", poi_valid)
@@ -439,6 +473,7 @@ class TeacherCache:
             "v_S": "u_S" if v_S is None else "v_S",
             "ignore_token": IGNORE_TOKEN,
             "num_codes": codebook.num_codes,
+            "patch_features": patches is not None,
             "counts": {"poi_valid": int(poi_valid.sum()), "image_valid": int(image_valid.sum())},
             "cell_ids_sha256": cells.hexdigest(),
             "descriptions_reused": reused,
@@ -446,7 +481,7 @@ class TeacherCache:
             "seconds": round(time.time() - t0, 2),
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
-        del u_P, u_S, v_S, tokens
+        del u_P, u_S, v_S, tokens, patches
         with open(tmp / "meta.json.tmp", "w", encoding="utf-8") as fh:
             json.dump(meta, fh, indent=2, ensure_ascii=False)
         os.replace(tmp / "meta.json.tmp", tmp / "meta.json")

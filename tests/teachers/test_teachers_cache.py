@@ -110,6 +110,35 @@ def test_second_pass_without_spill_gives_the_same_tokens(tmp_path, samples):
     assert streamed.meta["num_codes"] == 8
 
 
+def test_patch_features_are_kept_as_the_dense_dvfm_targets(tmp_path, samples):
+    t = stub_teachers()
+    out = TeacherCache(tmp_path / "a").get_or_compute(samples, t, 4, progress=False)
+    assert out.meta["format"] == 2 and out.meta["patch_features"] and out.has_patch_features
+    j = int(np.flatnonzero(out.image_valid)[0])
+    want = t.visual.patch_features([samples[j].image], 4)[0]
+    assert out.patch_features.shape == (len(samples), 16, want.shape[1])
+    np.testing.assert_allclose(out.patch_features[j], want, rtol=2e-3, atol=2e-3)  # float16 storage
+    np.testing.assert_array_equal(out.visual_tokens[j], out.codebook.assign(np.asarray(out.patch_features[j:j + 1],
+                                                                                        np.float32))[0])
+    assert not out.patch_features[~out.image_valid].any()
+    # Centred like u_S: over all valid patches the mean is zero; rows without an image stay zero.
+    cen = out.normalized("centered")
+    rows = cen.rows(np.arange(len(samples)))["patch_features"]
+    assert np.abs(rows[out.image_valid].reshape(-1, want.shape[1]).mean(axis=0)).max() < 1e-3
+    assert not rows[~out.image_valid].any()
+    # With a fixed codebook (no fit) the features are kept too; over the spill limit they are not.
+    from refound_core.teachers.tokenizer_vq import KMeansTokenizer
+
+    t2 = stub_teachers()
+    t2.tokenizer = KMeansTokenizer(t2.visual, codebook=out.codebook)
+    fixed = TeacherCache(tmp_path / "b").get_or_compute(samples, t2, 4, progress=False)
+    np.testing.assert_array_equal(fixed.patch_features, out.patch_features)
+    small = TeacherCache(tmp_path / "c").get_or_compute(samples, stub_teachers(), 4, progress=False, spill_limit_bytes=0)
+    assert not small.meta["patch_features"] and not small.has_patch_features
+    assert "patch_features" not in small.rows([j])
+    assert not (small.folder / "patch_features.npy").exists()
+
+
 def test_fixed_codebook_is_used_as_is(tmp_path, samples):
     from refound_core.teachers.tokenizer_vq import KMeansTokenizer
 

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from refound_core.losses import (ABLATIONS, LossConfig, PretrainHeads, compute_cmsa, compute_dlfm, compute_dvfm,
-                                 compute_dvlfm, compute_losses, compute_mgdm)
+                                 compute_dvfm_patch, compute_dvlfm, compute_losses, compute_mgdm)
 from refound_core.model.config import refound_tiny
 from refound_core.model.refound import ReFoundOutput
 
@@ -64,6 +64,40 @@ def test_dvfm_uses_image_cls_and_skips_regions_without_image():
     rows = [0, 2, 3]
     want = -_cos(_lin(heads.sigma_sate, _np(out.img_cls))[rows], _np(u_s)[rows]).mean()
     assert got["dvfm"].item() == pytest.approx(want, rel=1e-5)
+
+
+def test_dense_dvfm_is_minus_mean_patch_cosine_over_valid_patches_only():
+    cfg = refound_tiny(hidden_size=H, num_heads=2, vocab_size=11, image_size=32, patch_size=16, grid_cells=4)
+    torch.manual_seed(1)
+    heads = PretrainHeads(cfg, LossConfig(w_dvfm_patch=1.0), llm_dim=3, vfm_dim=5, codebook_size=7, proj_dim=4,
+                          patch_dim=3)
+    has_image = torch.tensor([True, False, True, True, True])
+    out = _out(has_image=has_image, seed=6)
+    patch_valid = torch.ones(5, 4, dtype=torch.bool)
+    patch_valid[2, 1:] = False  # a partly covered image: three patches without image data
+    out.patch_valid = patch_valid
+    target = torch.randn(5, 4, 3, generator=torch.Generator().manual_seed(7))
+    got = compute_dvfm_patch(out, {"patch_features": target, "u_S_valid": torch.tensor([1, 1, 1, 0, 1]).bool()}, heads)
+    pred = _lin(heads.sigma_patch, _np(out.hidden_states[:, 7:11]))  # lp = 6: [P] + 5 tokens, then [S]
+    keep = [(0, j) for j in range(4)] + [(2, 0)] + [(4, j) for j in range(4)]  # row 1 no image, row 3 no u_S
+    want = -np.mean([_cos(pred[i, j][None], _np(target)[i, j][None])[0] for i, j in keep])
+    assert got["dvfm_patch"].item() == pytest.approx(want, rel=1e-5)
+    # What sits in the excluded patches' targets cannot change the loss.
+    target2 = target.clone()
+    target2[1] = 1e3
+    target2[2, 1:] = -7.0
+    target2[3] = torch.nan
+    again = compute_dvfm_patch(out, {"patch_features": target2, "u_S_valid": torch.tensor([1, 1, 1, 0, 1]).bool()},
+                               heads)
+    assert again["dvfm_patch"].item() == pytest.approx(want, rel=1e-5)
+
+
+def test_dense_dvfm_runs_only_with_dvfm_and_a_positive_weight():
+    assert "dvfm_patch" not in LossConfig().active()  # the paper's five by default
+    assert LossConfig(w_dvfm_patch=0.5).active() == ("dlfm", "dvfm", "dvfm_patch", "dvlfm", "mgdm", "cmsa")
+    assert "dvfm_patch" not in LossConfig(w_dvfm_patch=0.5, dvfm=False).active()
+    with pytest.raises(ValueError):
+        LossConfig(w_dvfm_patch=-1.0)
 
 
 def _softmax(x, axis):

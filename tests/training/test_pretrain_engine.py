@@ -77,6 +77,11 @@ def test_config_precedence_defaults_file_flags(tmp_path):
     d = pretrain_cmd.resolve_config(_parse(["--no-mgdm", "--epochs", "2"]))
     assert not d["losses"]["mgdm"] and not d["losses"]["cmsa"] and d["losses"]["dlfm"]
     assert d["init"] is None and pretrain_cmd.resolve_config(_parse(["--init", "CK", "--steps", "1"]))["init"] == "CK"
+    d = pretrain_cmd.resolve_config(_parse(["--dvfm-patch-weight", "0.5", "--steps", "1"]))
+    assert d["losses"]["w_dvfm_patch"] == 0.5 and d["losses"]["dvfm"]
+    assert "dvfm_patch" in TrainConfig.from_dict(d).loss_config().active()
+    with pytest.raises(InputError, match="--dvfm-patch-weight"):
+        pretrain_cmd.resolve_config(_parse(["--dvfm-patch-weight", "-1", "--steps", "1"]))
 
 
 def test_bad_settings_are_input_errors(tmp_path, pretrain_ds):
@@ -153,6 +158,28 @@ def test_ablation_run_has_no_masking_and_no_dropped_terms(tmp_path, pretrain_ds,
     assert {"dlfm", "dvfm"} <= set(rows[0]) and not {"mgdm", "cmsa", "dvlfm"} & set(rows[0])
     resolved = json.loads((tmp_path / "abl" / "training" / "pretrain_config.json").read_text())
     assert resolved["resolved"]["model"]["use_moge"] is False
+
+
+def test_dense_dvfm_term_trains_the_patches_and_needs_patch_features(tmp_path, pretrain_ds, one_thread):
+    import shutil
+
+    train(_small(pretrain_ds, tmp_path / "dense", steps=30, losses={"w_dvfm_patch": 1.0}))
+    rows = read_log(tmp_path / "dense" / "training")
+    cos = np.array([r["dvfm_patch_cos"] for r in rows])
+    assert np.isfinite(cos).all() and cos[-8:].mean() > cos[:8].mean() + 0.05
+    resolved = json.loads((tmp_path / "dense" / "training" / "pretrain_config.json").read_text())
+    assert resolved["resolved"]["objectives"] == ["dlfm", "dvfm", "dvfm_patch", "dvlfm", "mgdm", "cmsa"]
+    # A cache written before the patch features were kept (format 1) gets one actionable error.
+    src = next(p for p in (pretrain_ds / "teacher_cache").iterdir() if not p.name.startswith("."))
+    old = tmp_path / "old_cache"
+    shutil.copytree(src, old)
+    (old / "patch_features.npy").unlink()
+    meta = json.loads((old / "meta.json").read_text())
+    meta.update(format=1, patch_features=False)
+    (old / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(InputError, match="run `refound teachers` again"):
+        train(_small(pretrain_ds, tmp_path / "dense_old", steps=1, teachers=str(old), losses={"w_dvfm_patch": 1.0}))
+    train(_small(pretrain_ds, tmp_path / "paper_old", steps=1, teachers=str(old)))  # the paper's objective reads it
 
 
 def test_plot_log_command_errors_without_log(tmp_path):

@@ -164,8 +164,11 @@ class PretrainData:
         its first part's, which :meth:`combine` checked every part shares)."""
         if self.parts:
             return self.parts[0].dims
-        return {"llm_dim": int(self.targets.u_P.shape[1]), "vfm_dim": int(self.targets.u_S.shape[1]),
+        dims = {"llm_dim": int(self.targets.u_P.shape[1]), "vfm_dim": int(self.targets.u_S.shape[1]),
                 "codebook_size": int(self.targets.num_codes)}
+        if getattr(self.targets, "has_patch_features", False):
+            dims["patch_dim"] = int(self.targets.patch_features.shape[2])
+        return dims
 
     def featurizer(self, model_cfg):
         from refound_core.data.featurize import Featurizer
@@ -313,7 +316,7 @@ class PretrainCollator:
     """Batch = ``Featurizer.collate`` output + teacher targets + MGDM masks (module docstring).
 
     Batch keys added: ``u_P, u_P_valid, u_S, u_S_valid, v_S, v_S_valid, visual_tokens,
-    visual_tokens_valid, indices``; with masking also ``mlm_mask, mlm_labels, masked_patches``
+    visual_tokens_valid, indices``; ``patch_features`` with the dense DVFM term; with masking also ``mlm_mask, mlm_labels, masked_patches``
     (``token_ids`` is then the corrupted sequence).
     """
 
@@ -346,6 +349,8 @@ class PretrainCollator:
             v_S=torch.from_numpy(rows["v_S"]), v_S_valid=image_valid,
             visual_tokens=tokens.clamp(min=0), visual_tokens_valid=image_valid & (tokens >= 0).all(dim=1),
             indices=torch.tensor(indices, dtype=torch.int64))
+        if "patch_features" in rows and "dvfm_patch" in self.loss_cfg.active():
+            batch["patch_features"] = torch.from_numpy(rows["patch_features"])
         if self.loss_cfg.masking:
             self._mask(batch, indices)
         return batch

@@ -478,6 +478,11 @@ def _train(cfg: TrainConfig, info: D.DistInfo, resume: bool) -> TrainResult:
     backbone = ReFound(model_cfg)
     if init is not None and not resume:
         backbone.load_state_dict(init.model.state_dict())  # heads stay fresh: they fit this run's teachers
+    if "dvfm_patch" in loss_cfg.active() and "patch_dim" not in data.dims:
+        raise InputError(f"--dvfm-patch-weight needs per-patch teacher features, but the teacher cache "
+                         f"{data.teacher_folder} has none (built before 2026-12-08, or larger than the 2 GiB "
+                         "spill limit): run `refound teachers` again on that dataset (it writes a new cache) "
+                         "or drop the flag")
     heads = PretrainHeads(model_cfg, loss_cfg, proj_dim=loss_cfg.dvlfm_proj_dim or None, **data.dims)
     device = info.device
     module = PretrainModule(backbone, heads, loss_cfg, compile=cfg.compile).to(device)

@@ -23,7 +23,7 @@ from typing import Optional
 
 LOG_JSONL, LOG_CSV = "log.jsonl", "log.csv"
 # Shown in the bar / plain lines (all terms go to the files).
-_SHOWN = ("loss", "dlfm", "dvfm", "dvlfm", "mgdm", "cmsa")
+_SHOWN = ("loss", "dlfm", "dvfm", "dvfm_patch", "dvlfm", "mgdm", "cmsa")  # dvfm_patch: only when on
 
 
 def read_log(path) -> list:

@@ -58,6 +58,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="recolour the student's image (brightness, contrast, saturation, white balance, gamma) "
                         "while teacher targets stay those of the clean image; 0 = off (default), 1 = the ranges "
                         "in training/pretrain/augment.py, at most 2")
+    p.add_argument("--dvfm-patch-weight", type=float, default=S, metavar="W",
+                   help="weight of the dense DVFM term: each image patch imitates the visual teacher's feature "
+                        "at that patch (not in the paper; docs/PRETRAINING.md choice 16); 0 = off (default); "
+                        "needs a teacher cache written since 2026-12-08 (it stores the patch features)")
     p.add_argument("--seed", type=int, default=S, help="seed of weights, data order and masks (default 0)")
     p.add_argument("--workers", type=int, default=S, help="DataLoader worker processes per rank (-1 = auto)")
 
@@ -130,6 +134,10 @@ def resolve_config(args) -> dict:
         losses.update(dlfm=False, dvfm=False, dvlfm=False)
     if given.get("no_mgdm"):
         losses.update(cmsa=False)
+    if "dvfm_patch_weight" in given:
+        if given["dvfm_patch_weight"] < 0:
+            raise InputError(f"--dvfm-patch-weight must be 0 (off) or positive, got {given['dvfm_patch_weight']}")
+        losses["w_dvfm_patch"] = float(given["dvfm_patch_weight"])
     if losses:
         flags["losses"] = losses
     if given.get("no_moge"):
