@@ -151,21 +151,27 @@ def test_probe_command_end_to_end(tmp_path, capsys):
     ckpt = make_checkpoint(tmp_path / "ckpt", ds)
     out = tmp_path / "res" / "probe.json"
     rc = main(["probe", "--data", str(ds.folder), "--checkpoint", str(ckpt), "--teacher", "none",
-               "--repeats", "2", "--out", str(out)])
+               "--repeats", "2", "--random-seeds", "2", "--out", str(out)])
     assert rc == 0
     res = json.loads(out.read_text())
     assert [t["target"] for t in res["targets"]] == ["building_fraction"]  # default: every label of the dataset
     rows = res["targets"][0]["rows"]
-    assert [r["kind"] for r in rows] == ["checkpoint h[S]", "random h[S]", "pixel statistics"]
+    assert [r["kind"] for r in rows] == ["checkpoint h[S]", "random h[S]", "random h[S]", "random h[S] mean",
+                                         "pixel statistics"]
+    # Two seeds are two different networks; the mean row is the baseline a checkpoint must beat.
+    assert rows[1]["r2_pooled_mean"] != rows[2]["r2_pooled_mean"]
+    assert rows[3]["r2_pooled_mean"] == pytest.approx((rows[1]["r2_pooled_mean"] + rows[2]["r2_pooled_mean"]) / 2)
+    assert rows[3]["members"] == ["random-init (seed 0)", "random-init (seed 1)"]
     # the fixture's target is the share of bright pixels: the mean grey level gives it away
-    assert rows[2]["dim"] == 8 and rows[2]["r2_pooled_mean"] > 0.95
+    assert rows[4]["dim"] == 8 and rows[4]["r2_pooled_mean"] > 0.95
     assert res["folds"] == 4 and res["fold_seeds"] == [0, 1] and res["regions"] == 24
-    for row in rows:
+    for row in rows[:3] + rows[4:]:
         assert len(row["r2_folds"]) == 8 and all(math.isfinite(v) for v in row["r2_folds"])
         assert 1.0 <= row["effective_rank"] <= row["dim"] and 0 < row["top_pc_share"] <= 1
     assert [p.name for p in out.parent.iterdir()] == ["probe.json"]  # atomic: no temporary left behind
     printed = capsys.readouterr().out
-    assert "random-init (seed 0)" in printed and "24 crops from 4 scenes" in printed
+    assert "random-init (seed 0)" in printed and "random-init mean (2 seeds)" in printed
+    assert "24 crops from 4 scenes" in printed
 
 
 def test_probe_command_rejects_unlabelled_regions(tmp_path, capsys):

@@ -14,12 +14,14 @@ import argparse
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.formatter_class = argparse.RawDescriptionHelpFormatter
     p.epilog = ("example:\n  refound probe --data runs/real_probe_ds --checkpoint runs/pt/checkpoint --out probe.json\n"
-                "rows: each checkpoint, 'random-init' (the first checkpoint's architecture, seeded --seed),\n"
+                "rows: each checkpoint, 'random-init' (the first checkpoint's architecture, seeds --seed ..,\n"
+                "--random-seeds of them, and 'random-init mean' over them: the baseline to beat),\n"
                 "'efficientnet-teacher' (pooled ImageNet EfficientNet-Lite0 features, the default DVFM teacher),\n"
                 "'geoembed-teacher' with --teacher geoembed (self-supervised aerial ResNet-18, docs/TEACHERS.md),\n"
                 "'pixel-stats' (the floor: mean and sd of R, G, B and the mean neighbouring-pixel difference\n"
                 "along x and y, 8 numbers; an embedding that does not beat it knows no more than colour and texture).\n"
-                "R2 mean ± sd: over the grouped folds of all --repeats fold seeds; R2 pool: one R2 over all\n"
+                "R2 mean ± sd: over the grouped folds of all --repeats fold seeds (the 'random-init mean' row: sd is the\n"
+                "seed-to-seed spread of R2 pool); R2 pool: one R2 over all\n"
                 "out-of-fold predictions, averaged over the fold seeds; erank = effective rank;\n"
                 "top-PC = variance share of the first principal component of the embeddings.")
     p.add_argument("--data", required=True, help="probe region dataset (images + a per-crop label, scene in cell_id)")
@@ -34,7 +36,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="how the ridge alpha is chosen inside each training fold: scenes (default: grouped CV "
                         "over the fold's scenes, so overlapping crops of one scene never sit on both sides) or "
                         "loo (leave-one-crop-out, the first protocol: leaks near-duplicate crops)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the random-initialisation row (default 0)")
+    p.add_argument("--seed", type=int, default=0, help="first seed of the random-initialisation rows (default 0)")
+    p.add_argument("--random-seeds", type=int, default=5, metavar="N",
+                   help="random initialisations to probe, seeds --seed .. --seed+N-1, plus a row with their mean "
+                        "(default 5: one random network's R2 varies by up to 0.3 between seeds on this probe)")
     p.add_argument("--no-random-init", action="store_true", help="skip the random-initialisation row")
     p.add_argument("--teacher", action="append", choices=["efficientnet", "geoembed", "none"], default=None,
                    help="image-teacher row; repeat for several (default: efficientnet; none: no teacher row)")
@@ -96,11 +101,15 @@ def run(args) -> int:
         x, _ = probe.checkpoint_image_embeddings(ckpt, ds, device=args.device, batch_size=args.batch_size)
         embeddings.append((Path(ckpt).name if Path(ckpt).name != "checkpoint" else str(ckpt), "checkpoint h[S]",
                            str(ckpt), x))
+    if args.random_seeds < 1:
+        raise InputError(f"--random-seeds must be at least 1, got {args.random_seeds} (or pass --no-random-init)")
+    random_names = []
     if args.checkpoint and not args.no_random_init:
-        x, _ = probe.checkpoint_image_embeddings(args.checkpoint[0], ds, random_seed=args.seed, device=args.device,
-                                                 batch_size=args.batch_size)
-        embeddings.append((f"random-init (seed {args.seed})", "random h[S]",
-                           f"architecture of {args.checkpoint[0]}", x))
+        for seed in range(args.seed, args.seed + args.random_seeds):
+            x, _ = probe.checkpoint_image_embeddings(args.checkpoint[0], ds, random_seed=seed, device=args.device,
+                                                     batch_size=args.batch_size)
+            random_names.append(f"random-init (seed {seed})")
+            embeddings.append((random_names[-1], "random h[S]", f"architecture of {args.checkpoint[0]}", x))
     for name in teachers:
         x, ident = probe.teacher_image_embeddings(ds, teacher=name, device=args.device)
         embeddings.append((f"{name}-teacher", "teacher pooled", ident, x))
@@ -114,6 +123,10 @@ def run(args) -> int:
     for target, y in targets:
         rows = [probe.probe_row(name, kind, x, y, groups, source=source, **common)
                 for name, kind, source, x in embeddings]
+        if len(random_names) > 1:
+            at = max(i for i, r in enumerate(rows) if r["name"] in random_names) + 1
+            rows.insert(at, probe.mean_row([r for r in rows if r["name"] in random_names],
+                                           f"random-init mean ({len(random_names)} seeds)"))
         results.append({"target": target, "target_mean": float(y.mean()), "target_sd": float(y.std()), "rows": rows})
         print(f"\n{target} (mean {y.mean():.3g}, sd {y.std():.3g})")
         print(format_table(rows))

@@ -175,3 +175,17 @@ def probe_row(name: str, kind: str, x, y, groups, *, folds: int, seeds, source: 
     return {"name": name, "kind": kind, "source": source, "dim": int(np.asarray(x).shape[1]),
             **ridge_r2(x, y, groups, folds=folds, seeds=seeds, alpha_cv=alpha_cv),
             "effective_rank": rank, "top_pc_share": top}
+
+
+def mean_row(rows, name: str) -> dict:
+    """The mean of several rows of one kind (random initialisations of several seeds): every R²,
+    rank and share averaged; ``r2_sd`` is the spread of the rows' pooled R² (seed to seed), and
+    ``members`` names the rows."""
+    pooled = [r["r2_pooled_mean"] for r in rows]
+    return {"name": name, "kind": rows[0]["kind"] + " mean", "source": rows[0]["source"], "dim": rows[0]["dim"],
+            "r2_mean": float(np.mean([r["r2_mean"] for r in rows])),
+            "r2_sd": float(np.std(pooled, ddof=1)) if len(pooled) > 1 else 0.0,
+            "r2_pooled_mean": float(np.mean(pooled)), "r2_pooled": pooled,
+            "effective_rank": float(np.mean([r["effective_rank"] for r in rows])),
+            "top_pc_share": float(np.mean([r["top_pc_share"] for r in rows])),
+            "members": [r["name"] for r in rows]}
