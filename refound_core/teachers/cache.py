@@ -161,9 +161,10 @@ class TeacherTargets:
         with open(self.folder / "descriptions.jsonl", encoding="utf-8") as fh:
             return [json.loads(line)["text"] for line in fh]
 
-    def rows(self, indices) -> dict:
+    def rows(self, indices, patches: bool = False) -> dict:
         """Teacher targets of a batch of sample indices, as in-memory arrays (float32 features;
-        ``patch_features`` too when the cache has them)."""
+        with ``patches`` also ``patch_features``, when the cache has them: the dense DVFM term
+        asks for them, nothing else pays for reading them)."""
         idx = np.asarray(indices, dtype=np.int64)
         poi_valid, image_valid = np.asarray(self.poi_valid[idx]), np.asarray(self.image_valid[idx])
         return {
@@ -173,7 +174,7 @@ class TeacherTargets:
             "v_S": self._norm("v_S", np.asarray(self.v_S[idx], dtype=np.float32), image_valid),
             "image_valid": image_valid,
             "visual_tokens": np.asarray(self.visual_tokens[idx], dtype=np.int64),
-            **({"patch_features": self.patch_rows(idx)} if self.has_patch_features else {}),
+            **({"patch_features": self.patch_rows(idx)} if patches and self.has_patch_features else {}),
         }
 
 

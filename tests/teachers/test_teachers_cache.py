@@ -123,7 +123,8 @@ def test_patch_features_are_kept_as_the_dense_dvfm_targets(tmp_path, samples):
     assert not out.patch_features[~out.image_valid].any()
     # Centred like u_S: over all valid patches the mean is zero; rows without an image stay zero.
     cen = out.normalized("centered")
-    rows = cen.rows(np.arange(len(samples)))["patch_features"]
+    assert "patch_features" not in cen.rows([j])  # only read when asked for (the dense DVFM term)
+    rows = cen.rows(np.arange(len(samples)), patches=True)["patch_features"]
     assert np.abs(rows[out.image_valid].reshape(-1, want.shape[1]).mean(axis=0)).max() < 1e-3
     assert not rows[~out.image_valid].any()
     # With a fixed codebook (no fit) the features are kept too; over the spill limit they are not.
@@ -135,7 +136,7 @@ def test_patch_features_are_kept_as_the_dense_dvfm_targets(tmp_path, samples):
     np.testing.assert_array_equal(fixed.patch_features, out.patch_features)
     small = TeacherCache(tmp_path / "c").get_or_compute(samples, stub_teachers(), 4, progress=False, spill_limit_bytes=0)
     assert not small.meta["patch_features"] and not small.has_patch_features
-    assert "patch_features" not in small.rows([j])
+    assert "patch_features" not in small.rows([j], patches=True)
     assert not (small.folder / "patch_features.npy").exists()
 
 

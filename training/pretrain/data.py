@@ -275,9 +275,9 @@ class ConcatTargets:
     def codebook_path(self) -> Path:
         return self.parts[0].codebook_path
 
-    def rows(self, indices) -> dict:
+    def rows(self, indices, patches: bool = False) -> dict:
         located = [self.regions.locate(i) for i in np.asarray(indices, dtype=np.int64).reshape(-1)]
-        rows = [self.parts[k].rows([i]) for k, i in located]
+        rows = [self.parts[k].rows([i], patches) for k, i in located]
         return {key: np.concatenate([r[key] for r in rows]) for key in rows[0]}
 
 
@@ -288,12 +288,14 @@ class PretrainDataset(Dataset):
     one set before ``iter(loader)``).
     """
 
-    def __init__(self, data: PretrainData, featurizer, seed: int = 0, photometric_aug: float = 0.0):
+    def __init__(self, data: PretrainData, featurizer, seed: int = 0, photometric_aug: float = 0.0,
+                 patches: bool = False):
         self.dataset = data.dataset
         self.targets = data.targets
         self.featurizer = featurizer
         self.seed = int(seed)
         self.photometric_aug = float(photometric_aug)
+        self.patches = bool(patches)  # serve the per-patch teacher features (dense DVFM)
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -309,7 +311,7 @@ class PretrainDataset(Dataset):
         if self.photometric_aug > 0 and encoded.image is not None:
             jitter_rng = np.random.default_rng(_seed_of(self.seed, self.epoch, index, 3))
             encoded.image = photometric_jitter(encoded.image, jitter_rng, self.photometric_aug)
-        return index, encoded, self.targets.rows([index])
+        return index, encoded, self.targets.rows([index], self.patches)
 
 
 class PretrainCollator:
@@ -349,7 +351,7 @@ class PretrainCollator:
             v_S=torch.from_numpy(rows["v_S"]), v_S_valid=image_valid,
             visual_tokens=tokens.clamp(min=0), visual_tokens_valid=image_valid & (tokens >= 0).all(dim=1),
             indices=torch.tensor(indices, dtype=torch.int64))
-        if "patch_features" in rows and "dvfm_patch" in self.loss_cfg.active():
+        if "patch_features" in rows:
             batch["patch_features"] = torch.from_numpy(rows["patch_features"])
         if self.loss_cfg.masking:
             self._mask(batch, indices)

@@ -495,7 +495,8 @@ def _train(cfg: TrainConfig, info: D.DistInfo, resume: bool) -> TrainResult:
     if not 0.0 <= float(cfg.photometric_aug) <= 2.0:
         raise InputError(f"--photometric-aug {cfg.photometric_aug} must lie in [0, 2] "
                          "(0 = off, 1 = the ranges documented in training/pretrain/augment.py)")
-    dataset = PretrainDataset(data, featurizer, seed=cfg.seed, photometric_aug=cfg.photometric_aug)
+    dataset = PretrainDataset(data, featurizer, seed=cfg.seed, photometric_aug=cfg.photometric_aug,
+                              patches="dvfm_patch" in loss_cfg.active())
     collator = PretrainCollator(featurizer, model_cfg.image_size, model_cfg.patches_per_side, loss_cfg,
                                 vocab_size=model_cfg.vocab_size, mask_id=tok.mask_id,
                                 special_ids=(tok.pad_id, tok.cls_id, tok.sep_id, tok.mask_id), seed=cfg.seed)
