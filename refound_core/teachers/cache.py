@@ -345,9 +345,9 @@ class TeacherCache:
         fit = tok.codebook is None
         # The per-patch features are kept (patch_features.npy: the codebook's fit input and the dense
         # DVFM targets) when they fit in spill_limit_bytes; otherwise the fit samples them in memory.
-        keep = n * n_patches * featurizer.feature_dim * 2 <= spill_limit_bytes
+        store_patches = n * n_patches * featurizer.feature_dim * 2 <= spill_limit_bytes
         done = _rows_done(tmp)
-        if done and fit and not keep:
+        if done and fit and not store_patches:
             # the in-memory codebook sample of the big-dataset path is not on disk: start over
             log_fn(f"teacher cache: {tmp} cannot be resumed (codebook sample held in memory); starting over")
             done = 0
@@ -368,7 +368,7 @@ class TeacherCache:
         u_S = mm("u_S.npy", dtype, (n, teachers.visual.dim))
         v_S = None if teachers.vl_is_visual else mm("v_S.npy", dtype, (n, teachers.vl.dim))
         tokens = mm("visual_tokens.npy", np.int16, (n, n_patches))
-        patches = mm("patch_features.npy", np.float16, (n, n_patches, featurizer.feature_dim)) if keep else None
+        patches = mm("patch_features.npy", np.float16, (n, n_patches, featurizer.feature_dim)) if store_patches else None
         if done:
             flags = np.load(tmp / "valid.partial.npz")
             poi_valid, image_valid = flags["poi_valid"].copy(), flags["image_valid"].copy()

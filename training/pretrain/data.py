@@ -318,8 +318,8 @@ class PretrainCollator:
     """Batch = ``Featurizer.collate`` output + teacher targets + MGDM masks (module docstring).
 
     Batch keys added: ``u_P, u_P_valid, u_S, u_S_valid, v_S, v_S_valid, visual_tokens,
-    visual_tokens_valid, indices``; ``patch_features`` with the dense DVFM term; with masking also ``mlm_mask, mlm_labels, masked_patches``
-    (``token_ids`` is then the corrupted sequence).
+    visual_tokens_valid, indices``; ``patch_features`` with the dense DVFM term; with masking also
+    ``mlm_mask, mlm_labels, masked_patches`` (``token_ids`` is then the corrupted sequence).
     """
 
     def __init__(self, featurizer, image_size: int, patches_per_side: int, loss_cfg, *, vocab_size: int,
