@@ -52,6 +52,16 @@ def refound(*args) -> None:
     subprocess.run(cmd, cwd=REPO, check=True)
 
 
+def teacher_cache(data, describer: str) -> str:
+    """`refound teachers` on ``data``; returns the cache folder it wrote or reused. Pre-training is
+    pointed at it explicitly: a demo folder from older code also holds caches of older teachers or
+    cache formats, among which `refound pretrain` would refuse to guess."""
+    cmd = [sys.executable, "-m", "training.cli", "teachers", "--data", str(data), "--describer", describer, "--json"]
+    print(f"$ refound teachers --data {data} --describer {describer} --json", flush=True)
+    res = subprocess.run(cmd, cwd=REPO, check=True, stdout=subprocess.PIPE, text=True)
+    return json.loads(res.stdout[res.stdout.index("{"):])["cache"]
+
+
 def source_digest() -> str:
     """Identity of the code that shapes a pre-trained checkpoint (model, objectives, data, teachers)."""
     h = hashlib.sha256()
@@ -93,8 +103,8 @@ def main(argv=None) -> int:
         print(f"inputs unchanged: reusing {ckpt}")
     else:
         shutil.rmtree(ckpt, ignore_errors=True)
-        refound("teachers", "--data", corpus_ds, "--describer", p["describer"])
-        refound("pretrain", "--preset", p["preset"], "--data", corpus_ds, "--steps", p["steps"],
+        cache = teacher_cache(corpus_ds, p["describer"])
+        refound("pretrain", "--preset", p["preset"], "--data", corpus_ds, "--teachers", cache, "--steps", p["steps"],
                 "--batch-size", p["batch"], "--lr", p["lr"], "--warmup-steps", p["warmup_steps"],
                 "--device", args.device, "--out", ckpt)
         key_file.write_text(json.dumps(key))
