@@ -12,6 +12,10 @@ PRESET=${PRESET:-small}; STEPS=${STEPS:-150}; BATCH=${BATCH:-16}; LR=${LR:-3e-4}
 RUNS=${RUNS:-5}; FT_RUNS=${FT_RUNS:-5}; FT_EPOCHS=${FT_EPOCHS:-3}; FT_WARMUP=${FT_WARMUP:-1}; OUT=${OUT:-runs}
 ABLATE=${ABLATE:-0}; ABL_STEPS=${ABL_STEPS:-24}
 R() { echo "+ refound $*"; .venv/bin/python -m training.cli "$@"; }
+# `refound teachers`, printing the cache folder it wrote or reused (pre-training is pointed at it:
+# a runs folder from older code may also hold caches of an older format, among which it won't guess)
+T() { echo "+ refound teachers $*" >&2; .venv/bin/python -m training.cli teachers "$@" --json \
+      | .venv/bin/python -c 'import json, sys; print(json.load(sys.stdin)["cache"])'; }
 mkdir -p "$OUT"
 # 1. pre-training corpus (seed 11, 6 km = 576 cells) and a downstream city never seen in pre-training (seed 22, 4 km)
 [ -f "$OUT/corpus_city/meta.json" ] || R synthcity --out "$OUT/corpus_city" --seed 11 --size-km 6
@@ -19,8 +23,8 @@ mkdir -p "$OUT"
 [ -f "$OUT/down_city/meta.json" ]   || R synthcity --out "$OUT/down_city" --seed 22 --size-km 4
 [ -f "$OUT/down_ds/meta.json" ]     || R build-dataset --from-synthcity "$OUT/down_city" --out "$OUT/down_ds"
 # 2. teachers once, then pre-training with all five objectives
-R teachers --data "$OUT/corpus_ds"
-[ -f "$OUT/pretrained_$PRESET/config.json" ] || R pretrain --preset "$PRESET" --data "$OUT/corpus_ds" --steps "$STEPS" \
+CACHE=$(T --data "$OUT/corpus_ds")
+[ -f "$OUT/pretrained_$PRESET/config.json" ] || R pretrain --preset "$PRESET" --data "$OUT/corpus_ds" --teachers "$CACHE" --steps "$STEPS" \
     --batch-size "$BATCH" --lr "$LR" --warmup-steps "$WARMUP" --save-every 25 --seed 0 --out "$OUT/pretrained_$PRESET"
 R plot-log "$OUT/pretrained_$PRESET" --out "$OUT/pretrain_losses.png"
 # 3. feature-based prediction (paper 4.3 (2), A.2.3): ReFound vs the same model untrained vs the frozen teachers
@@ -48,8 +52,8 @@ if [ "$ABLATE" = 1 ]; then
     [ -f "$OUT/abl_corpus_ds/meta.json" ] || R build-dataset --from-synthcity "$OUT/abl_corpus" --out "$OUT/abl_corpus_ds"
     [ -f "$OUT/abl_city/meta.json" ] || R synthcity --out "$OUT/abl_city" --seed 22 --size-km 2.5
     [ -f "$OUT/abl_city_ds/meta.json" ] || R build-dataset --from-synthcity "$OUT/abl_city" --out "$OUT/abl_city_ds"
-    R teachers --data "$OUT/abl_corpus_ds"
-    R ablate --pretrain-data "$OUT/abl_corpus_ds" --data "$OUT/abl_city_ds" --preset "$PRESET" --steps "$ABL_STEPS" \
+    ABL_CACHE=$(T --data "$OUT/abl_corpus_ds")
+    R ablate --pretrain-data "$OUT/abl_corpus_ds" --teachers "$ABL_CACHE" --data "$OUT/abl_city_ds" --preset "$PRESET" --steps "$ABL_STEPS" \
         --pretrain-batch-size 8 --pretrain-lr "$LR" --warmup-steps 3 --tasks urban_village,population --runs 3 \
         --out "$OUT/ablation"
 fi

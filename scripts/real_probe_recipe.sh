@@ -10,13 +10,15 @@ cd "$(dirname "$0")/.."
 MIRROR=${MIRROR:?set MIRROR to the folder of fetched repository snapshots (docs/REAL-DATA.md)}
 OUT=${OUT:-runs}; STEPS=${STEPS:-300}; BATCH=${BATCH:-16}; SEEDS=${SEEDS:-"0 1 2"}
 R() { echo "+ refound $*"; .venv/bin/python -m training.cli "$@"; }
+T() { echo "+ refound teachers $*" >&2; .venv/bin/python -m training.cli teachers "$@" --json \
+      | .venv/bin/python -c 'import json, sys; print(json.load(sys.stdin)["cache"])'; }  # prints the cache folder
 mkdir -p "$OUT"
 [ -f "$OUT/real_ca256/meta.json" ] || R build-corpus --manifest data/manifests/real-imagery-extra.json \
     --mirror "$MIRROR" --out "$OUT/real_ca256" --gsd 0.5 --stride 256
 [ -f "$OUT/real_probe_ds/meta.json" ] || R build-corpus --manifest data/manifests/real-probe.json \
     --mirror "$MIRROR" --out "$OUT/real_probe_ds"
-R teachers --data "$OUT/real_ca256" --describer template
-common=(--preset small --data "$OUT/real_ca256" --steps "$STEPS" --batch-size "$BATCH" --lr 5e-4 --warmup-steps 20
+CACHE=$(T --data "$OUT/real_ca256" --describer template)
+common=(--preset small --data "$OUT/real_ca256" --teachers "$CACHE" --steps "$STEPS" --batch-size "$BATCH" --lr 5e-4 --warmup-steps 20
         --photometric-aug 0.5)
 ckpts=()
 for seed in $SEEDS; do
