@@ -112,19 +112,20 @@ class TeacherTargets:
     def __reduce__(self):
         # DataLoader workers started by spawn get the folder and reopen the memory maps, instead of
         # a pickled copy of every array.
-        return (_reopen, (str(self.folder), self.norm))
+        return (_reopen, (str(self.folder), self.norm, "patch_features" in (self.stats or {})))
 
-    def normalized(self, mode: str) -> "TeacherTargets":
+    def normalized(self, mode: str, patches: bool = False) -> "TeacherTargets":
         """This cache with its continuous targets (u_P, u_S, v_S) normalised by ``mode`` in
         :meth:`rows` (see the module docstring): ``raw``, ``centered`` or ``zscore``. Statistics
-        come from the valid rows, in chunks (the arrays stay memory-mapped)."""
+        come from the valid rows, in chunks (the arrays stay memory-mapped). ``patches``: the patch
+        features too (they are the largest array, so only a run with the dense DVFM term reads them)."""
         if mode not in TARGET_NORMS:
             raise InputError(f"teacher target normalisation {mode!r} is not one of {TARGET_NORMS}")
         stats = None
         if mode != "raw":
             stats = {"u_P": _moments(self.u_P, self.poi_valid), "u_S": _moments(self.u_S, self.image_valid)}
             stats["v_S"] = stats["u_S"] if self.v_S is self.u_S else _moments(self.v_S, self.image_valid)
-            if self.patch_features is not None:
+            if patches and self.patch_features is not None:
                 stats["patch_features"] = _moments(self.patch_features, self.image_valid)
         return dataclasses.replace(self, norm=mode, stats=stats)
 
@@ -134,17 +135,11 @@ class TeacherTargets:
 
     def patch_rows(self, indices) -> np.ndarray:
         """``float32 [B, P, C]`` per-patch teacher features of a batch, normalised like u_S (zero
-        where the region has no image). Only when :attr:`has_patch_features`."""
+        where the region has no image). Only when :attr:`has_patch_features` (and, normalised,
+        after ``normalized(mode, patches=True)``)."""
         idx = np.asarray(indices, dtype=np.int64)
-        x = np.asarray(self.patch_features[idx], dtype=np.float32)
-        if self.norm == "raw":
-            return x
-        mean, std = self.stats["patch_features"]
-        x = x - mean
-        if self.norm == "zscore":
-            x = x / std
-        x[~np.asarray(self.image_valid[idx]).astype(bool)] = 0.0
-        return x
+        return self._norm("patch_features", np.asarray(self.patch_features[idx], dtype=np.float32),
+                          np.asarray(self.image_valid[idx]))
 
     def _norm(self, name: str, x: np.ndarray, valid: np.ndarray) -> np.ndarray:
         if self.norm == "raw":
@@ -181,9 +176,9 @@ class TeacherTargets:
 TARGET_NORMS = ("raw", "centered", "zscore")
 
 
-def _reopen(folder: str, norm: str) -> "TeacherTargets":
+def _reopen(folder: str, norm: str, patches: bool = False) -> "TeacherTargets":
     targets = TeacherTargets.open(folder)
-    return targets if norm == "raw" else targets.normalized(norm)
+    return targets if norm == "raw" else targets.normalized(norm, patches)
 
 
 def _moments(arr: np.ndarray, valid: np.ndarray, chunk: int = 8192) -> tuple:

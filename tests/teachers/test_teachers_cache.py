@@ -122,11 +122,15 @@ def test_patch_features_are_kept_as_the_dense_dvfm_targets(tmp_path, samples):
                                                                                         np.float32))[0])
     assert not out.patch_features[~out.image_valid].any()
     # Centred like u_S: over all valid patches the mean is zero; rows without an image stay zero.
-    cen = out.normalized("centered")
+    assert "patch_features" not in out.normalized("centered").stats  # the big array is read only when asked
+    cen = out.normalized("centered", patches=True)
     assert "patch_features" not in cen.rows([j])  # only read when asked for (the dense DVFM term)
     rows = cen.rows(np.arange(len(samples)), patches=True)["patch_features"]
     assert np.abs(rows[out.image_valid].reshape(-1, want.shape[1]).mean(axis=0)).max() < 1e-3
     assert not rows[~out.image_valid].any()
+    import pickle  # DataLoader workers reopen the cache from its folder: the patch statistics come along
+    np.testing.assert_array_equal(pickle.loads(pickle.dumps(cen)).rows([j], patches=True)["patch_features"],
+                                  rows[j:j + 1])
     # With a fixed codebook (no fit) the features are kept too; over the spill limit they are not.
     from refound_core.teachers.tokenizer_vq import KMeansTokenizer
 

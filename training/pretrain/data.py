@@ -113,7 +113,9 @@ class PretrainData:
         self.tokenizer_dir, self.vocab_file = Path(files["tokenizer"]), Path(files["category_vocab"])
 
     @classmethod
-    def open(cls, folder, patches_per_side: int, teachers=None, target_norm: str = "raw") -> "PretrainData":
+    def open(cls, folder, patches_per_side: int, teachers=None, target_norm: str = "raw",
+             patches: bool = False) -> "PretrainData":
+        """``patches``: also normalise the per-patch teacher features (the dense DVFM term)."""
         from refound_core.data.dataset import RegionDataset
         from refound_core.teachers.cache import TeacherTargets
 
@@ -124,7 +126,7 @@ class PretrainData:
         tokenizer = dataset.load_tokenizer()
         vocab = dataset.load_vocab()
         teacher_folder = find_teacher_cache(folder, patches_per_side, teachers)
-        targets = TeacherTargets.open(teacher_folder).normalized(target_norm)
+        targets = TeacherTargets.open(teacher_folder).normalized(target_norm, patches)
         data = cls(folder, dataset, tokenizer, vocab, targets, teacher_folder)
         data.check(patches_per_side)
         return data
@@ -166,7 +168,7 @@ class PretrainData:
             return self.parts[0].dims
         dims = {"llm_dim": int(self.targets.u_P.shape[1]), "vfm_dim": int(self.targets.u_S.shape[1]),
                 "codebook_size": int(self.targets.num_codes)}
-        if getattr(self.targets, "has_patch_features", False):
+        if self.targets.has_patch_features:
             dims["patch_dim"] = int(self.targets.patch_features.shape[2])
         return dims
 

@@ -466,8 +466,9 @@ def _train(cfg: TrainConfig, info: D.DistInfo, resume: bool) -> TrainResult:
         model_cfg = init.config if init is not None else preset(cfg.preset, **cfg.model)
     except (TypeError, ValueError) as exc:
         raise InputError(f"bad model settings for preset {cfg.preset!r}: {exc}") from None
+    dense = "dvfm_patch" in loss_cfg.active()
     data = PretrainData.combine(
-        PretrainData.open(folder, model_cfg.patches_per_side, teachers, loss_cfg.teacher_targets)
+        PretrainData.open(folder, model_cfg.patches_per_side, teachers, loss_cfg.teacher_targets, patches=dense)
         for folder, teachers in zip(cfg.data_folders(), cfg.teacher_folders()))
     if init is not None:
         data.adopt_vocabulary(init.files)
@@ -478,7 +479,7 @@ def _train(cfg: TrainConfig, info: D.DistInfo, resume: bool) -> TrainResult:
     backbone = ReFound(model_cfg)
     if init is not None and not resume:
         backbone.load_state_dict(init.model.state_dict())  # heads stay fresh: they fit this run's teachers
-    if "dvfm_patch" in loss_cfg.active() and "patch_dim" not in data.dims:
+    if dense and "patch_dim" not in data.dims:
         raise InputError(f"--dvfm-patch-weight needs per-patch teacher features, but the teacher cache "
                          f"{data.teacher_folder} has none (built before 2026-12-08, or larger than the 2 GiB "
                          "spill limit): run `refound teachers` again on that dataset (it writes a new cache) "
@@ -496,7 +497,7 @@ def _train(cfg: TrainConfig, info: D.DistInfo, resume: bool) -> TrainResult:
         raise InputError(f"--photometric-aug {cfg.photometric_aug} must lie in [0, 2] "
                          "(0 = off, 1 = the ranges documented in training/pretrain/augment.py)")
     dataset = PretrainDataset(data, featurizer, seed=cfg.seed, photometric_aug=cfg.photometric_aug,
-                              patches="dvfm_patch" in loss_cfg.active())
+                              patches=dense)
     collator = PretrainCollator(featurizer, model_cfg.image_size, model_cfg.patches_per_side, loss_cfg,
                                 vocab_size=model_cfg.vocab_size, mask_id=tok.mask_id,
                                 special_ids=(tok.pad_id, tok.cls_id, tok.sep_id, tok.mask_id), seed=cfg.seed)
